@@ -1,0 +1,5 @@
+"""`python -m samat` = the `samat` command."""
+
+from samat.cli import cli
+
+cli()

@@ -1,0 +1,179 @@
+"""The `samat` command line: thin click commands over the library."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from samat import __version__
+from samat.config import ConfigError, load_grid, load_run
+from samat.grid import RunSpec, check_names, expand, method_label, run_id
+from samat.theory_cli import theory
+
+console = Console()
+EXIT_USER_ERROR = 2
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ConfigError into one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    logger = logging.getLogger("samat")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if logger.handlers:
+        return
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="samat")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """samat: SAM vs adversarial training robustness experiments, locally or on SLURM."""
+    _setup_logging(verbose)
+
+
+def _load_specs(grid_file: Path) -> tuple[Any, list[RunSpec]]:
+    grid = load_grid(grid_file)
+    specs = expand(grid, str(grid_file))
+    check_names(specs, str(grid_file))
+    return grid, specs
+
+
+def plan_table(specs: list[RunSpec]) -> Table:
+    table = Table(title=f"{len(specs)} runs")
+    for column in ("run id", "method", "data", "model", "epochs", "seed", "attacks"):
+        table.add_column(column)
+    for spec in specs:
+        c = spec.config
+        names = [a if isinstance(a, str) else a.label or a.attack for a in c.eval.attacks]
+        table.add_row(spec.run_id, spec.label, c.data.name, c.model.name, str(c.train.epochs),
+                      str(c.seed), ", ".join(names))
+    return table
+
+
+@cli.command()
+@click.argument("grid_file", type=click.Path(path_type=Path))
+@user_errors
+def plan(grid_file: Path) -> None:
+    """Print the runs a grid expands to; submit nothing."""
+    grid, specs = _load_specs(grid_file)
+    console.print(plan_table(specs))
+    console.print(f"{len(specs)} runs -> {grid.output}")
+
+
+@cli.command()
+@click.argument("grid_file", type=click.Path(path_type=Path))
+@click.option("--executor", type=click.Choice(["auto", "slurm", "local"]), default="auto",
+              show_default=True, help="auto: SLURM when sbatch is on PATH, else local runs.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the sbatch script and the runs; submit nothing.")
+@click.option("--force", is_flag=True, help="Re-run finished runs too.")
+@click.option("--wait", is_flag=True, help="Block with a live status table until all runs end.")
+@user_errors
+def submit(grid_file: Path, executor: str, dry_run: bool, force: bool, wait: bool) -> None:
+    """Validate a grid, then run it as one SLURM array (or locally)."""
+    from samat.launch import submit_grid
+
+    grid, _ = _load_specs(grid_file)
+    code = submit_grid(grid, executor=executor, dry_run=dry_run, force=force, wait=wait,
+                       console=console)
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), default=Path("results/single"),
+              show_default=True, help="Output root when TARGET is a config file.")
+@user_errors
+def run(target: Path, output: Path) -> None:
+    """Run one run in the foreground: a run directory, or a run config YAML file."""
+    from samat.store import prepare
+    from samat.train import execute
+
+    if target.is_dir():
+        run_dir = target
+    else:
+        config = load_run(target)
+        rid = run_id(config)
+        spec = RunSpec(rid, config, method_label(config), output / "runs" / rid)
+        check_names([spec], str(target))
+        run_dir = prepare(spec).path
+    result = execute(run_dir)
+    robust = ", ".join(f"{k} {v:.1%}" for k, v in result["robust"].items())
+    console.print(f"run {result['run_id']}: natural {result['natural']:.1%}"
+                  + (f"; {robust}" if robust else "") + f" -> {run_dir}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@user_errors
+def status(path: Path) -> None:
+    """Per-run state of a grid's output directory, joined with the scheduler's view."""
+    from samat.launch import show_status
+
+    if path.suffix in (".yaml", ".yml"):
+        path = load_grid(path).output
+    sys.exit(show_status(path, console=console))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "latex", "json"]),
+              default="table", show_default=True)
+@click.option("--per-run", is_flag=True, help="With --format json: one object per run.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Write to this file instead of stdout.")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path),
+              help="Also write a clean-vs-robust scatter plot (PNG).")
+@click.option("--plot-attack", help="Attack column for the plot's y axis (default: Average).")
+@user_errors
+def collect(path: Path, fmt: str, per_run: bool, out: Path | None, plot_file: Path | None,
+            plot_attack: str | None) -> None:
+    """Gather every run's result into a table (mean ± std over seeds)."""
+    from samat import report
+
+    if path.suffix in (".yaml", ".yml"):
+        path = load_grid(path).output
+    rendered = report.render(path, fmt, per_run_json=per_run)
+    if out is not None:
+        if isinstance(rendered, Table):
+            with out.open("w") as handle:
+                Console(file=handle, width=200).print(rendered)
+        else:
+            out.write_text(rendered)
+        console.print(f"wrote {out}")
+    elif isinstance(rendered, Table):
+        console.print(rendered)
+    else:
+        click.echo(rendered, nl=False)
+    if plot_file is not None:
+        console.print(f"wrote {report.plot(path, plot_file, plot_attack)}")
+
+
+cli.add_command(theory)

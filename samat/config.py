@@ -1,0 +1,279 @@
+"""Pydantic models for one run and for a grid of runs; YAML loading with one-line errors."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in a config file: the message is one line that names the problem and the fix."""
+
+
+def parse_budget(value: Any) -> Any:
+    """Accept '8/255', '8 / 255' and plain numbers for attack budgets and step sizes."""
+    if isinstance(value, str):
+        text = value.replace(" ", "")
+        try:
+            return float(Fraction(text)) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{value!r} is not a number or a fraction such as '8/255'") from None
+    return value
+
+
+Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0)]
+PositiveBudget = Annotated[float, BeforeValidator(parse_budget), Field(gt=0)]
+Norm = Literal["linf", "l2"]
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    name: Literal["digits", "synthetic", "cifar10", "cifar100", "tinyimagenet"] = "digits"
+    root: Path | None = None
+    # None = the data set's usual augmentation: crop padding 4 + flip on natural images,
+    # none on digits (digits are not flip-invariant).
+    crop_padding: int | None = Field(default=None, ge=0)
+    flip: bool | None = None
+    # Subsets keep the first n examples of a fixed permutation, for quick runs.
+    train_size: int | None = Field(default=None, gt=0)
+    test_size: int | None = Field(default=None, gt=0)
+    # Only for `synthetic`: image shape and class count of the generated data.
+    image_size: int = Field(default=8, gt=0)
+    channels: int = Field(default=1, gt=0)
+    num_classes: int = Field(default=10, ge=2)
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataConfig:
+        if self.name in ("cifar10", "cifar100", "tinyimagenet") and self.root is None:
+            raise ValueError(
+                f"data set {self.name!r} needs `data.root`, the directory that holds it"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    name: str = "small_cnn"
+    width: int | None = Field(default=None, gt=0)
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    nesterov: bool = False
+
+
+class ScheduleConfig(Strict):
+    # The papers' schedule: lr / 10 at 75% and again at 90% of the epochs.
+    name: Literal["multistep", "constant", "cosine"] = "multistep"
+    milestones: list[float] = Field(default_factory=lambda: [0.75, 0.9])
+    gamma: float = Field(default=0.1, gt=0)
+    warmup_epochs: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _milestones_are_fractions(self) -> ScheduleConfig:
+        if any(not 0 < m <= 1 for m in self.milestones):
+            raise ValueError("schedule.milestones are fractions of the epochs, each in (0, 1]")
+        return self
+
+
+class StandardMethod(Strict):
+    name: Literal["standard"] = "standard"
+
+
+class SAMMethod(Strict):
+    name: Literal["sam", "asam"]
+    rho: PositiveBudget = 0.05
+    # ASAM's small constant keeping |w| scaling away from zero (Kwon et al. 2021).
+    eta: float = Field(default=0.01, ge=0)
+
+
+class AdversarialMethod(Strict):
+    """PGD adversarial training (Madry et al.) or FGSM with random start ('fast AT')."""
+
+    name: Literal["pgd_at", "fgsm_at"]
+    norm: Norm = "linf"
+    eps: PositiveBudget = 8 / 255
+    # None = eps / 4 (l_inf) or eps / 8 (l_2) for PGD, 1.25 eps for FGSM-RS (Wong et al. 2020).
+    alpha: Budget | None = None
+    steps: int = Field(default=10, ge=1)
+    random_start: bool = True
+
+
+MethodConfig = Annotated[
+    StandardMethod | SAMMethod | AdversarialMethod, Field(discriminator="name")
+]
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    amp: bool = False
+    channels_last: bool = False
+    # Bitwise-reproducible kernels; slower on GPU, needed for exact resume checks.
+    deterministic: bool = False
+
+
+AttackName = Literal["fgsm", "pgd", "autoattack", "fab", "pixle", "square"]
+
+
+class AttackSpec(Strict):
+    attack: AttackName
+    norm: Norm = "linf"
+    eps: Budget = 8 / 255
+    steps: int | None = Field(default=None, ge=1)
+    # None = the attack's convention (PGD: eps / 4 for l_inf, eps / 8 for l_2).
+    alpha: Budget | None = None
+    # Column label in reports; None = a label made from attack, norm and eps.
+    label: str | None = None
+    # Further keyword arguments for the torchattacks class (checked when the attack is built).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalConfig(Strict):
+    # Entries are attack specs or names of presets (see samat.attacks.PRESETS).
+    attacks: list[AttackSpec | str] = Field(default_factory=list)
+    # Robust accuracy on the first n test examples (clean accuracy always on the whole test set).
+    n_examples: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+
+
+class RunConfig(Strict):
+    """Everything that determines one run; its hash is the run id."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=StandardMethod)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = 0
+
+
+class SlurmConfig(Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = Field(default=1, ge=0)
+    cpus_per_task: int = Field(default=4, ge=1)
+    mem_gb: float | None = Field(default=None, gt=0)
+    timeout_min: int = Field(default=240, ge=1)
+    array_parallelism: int = Field(default=64, ge=1)
+    constraint: str | None = None
+    # Requeues allowed on time limit / preemption before a task counts as failed.
+    max_num_timeout: int = Field(default=3, ge=0)
+    # Seconds before the time limit at which SLURM signals the task to checkpoint and requeue.
+    signal_delay_s: int = Field(default=90, ge=1)
+    additional_parameters: dict[str, Any] = Field(default_factory=dict)
+    setup: list[str] = Field(default_factory=list)
+
+
+class ContainerConfig(Strict):
+    runtime: Literal["none", "apptainer", "docker", "pyxis"] = "none"
+    image: str | None = None
+    # host:container pairs; the host side must exist when the grid is submitted.
+    binds: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    gpu: bool = True
+    # The runtime's executable (e.g. `podman` standing in for `docker`).
+    executable: str | None = None
+
+    @model_validator(mode="after")
+    def _image_needed(self) -> ContainerConfig:
+        if self.runtime != "none" and not self.image:
+            raise ValueError(f"container.runtime {self.runtime!r} needs container.image")
+        return self
+
+
+class GridConfig(Strict):
+    name: str
+    output: Path | None = None
+    base: dict[str, Any] = Field(default_factory=dict)
+    # Cartesian product over dotted keys: {"model.name": ["small_cnn", "preact_resnet18"]}.
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    # Each variant is a set of dotted-key overrides; a list value sweeps within that variant only.
+    variants: list[dict[str, Any]] = Field(default_factory=list)
+    # Extra runs (dotted overrides of base) and filters (dotted key -> value or list of values).
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    container: ContainerConfig = Field(default_factory=ContainerConfig)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line naming the first bad key by its dotted path, and what is wrong with it."""
+    first = error.errors()[0]
+    path = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        what = f"unknown key {path!r}; remove it or check its spelling"
+    elif kind == "missing":
+        what = f"missing key {path!r}; add it"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        got = first.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        what = f"{path or 'config'}: {message}{shown}"
+    more = len(error.errors()) - 1
+    suffix = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
+    return f"{source}: {what}{suffix}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the discriminator's value (e.g. 'sam') into the error location of a union member
+    return part in ("standard", "sam", "asam", "pgd_at", "fgsm_at") or (
+        isinstance(part, str) and part.startswith(("function-", "list[", "dict["))
+    )
+
+
+def validate_run(data: dict[str, Any], source: str = "run config") -> RunConfig:
+    """Build a RunConfig or raise ConfigError with a one-line message."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_grid(path: Path) -> GridConfig:
+    """Read and validate a grid file."""
+    data = read_yaml(path)
+    try:
+        grid = GridConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, str(path))) from None
+    if grid.output is None:
+        grid.output = Path("results") / grid.name
+    return grid
+
+
+def load_run(path: Path) -> RunConfig:
+    """Read and validate one run's config file."""
+    return validate_run(read_yaml(path), str(path))

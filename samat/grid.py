@@ -1,0 +1,163 @@
+"""Expand a grid file into runs: sweeps, per-variant sweeps, include/exclude, seeds, run ids."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from samat.config import ConfigError, GridConfig, RunConfig, parse_budget, validate_run
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    config: RunConfig
+    label: str
+    run_dir: Path
+
+
+def canonical_json(config: RunConfig) -> str:
+    """The resolved config as JSON with sorted keys: equal configs give equal text."""
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def run_id(config: RunConfig) -> str:
+    """Short hash of the canonical resolved config (key order and number spelling do not matter)."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]
+
+
+def group_id(config: RunConfig) -> str:
+    """Hash of the config without its seed: runs that differ only by seed share it."""
+    return run_id(config.model_copy(update={"seed": 0}))
+
+
+def set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts, creating levels as needed."""
+    *parents, last = key.split(".")
+    node = target
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = copy.deepcopy(value)
+
+
+def get_dotted(source: dict[str, Any], key: str) -> Any:
+    """Read `a.b.c` from nested dicts; KeyError if a level is missing."""
+    node: Any = source
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def _product(axes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cartesian product over dotted keys; a list value lists alternatives, a scalar is fixed."""
+    keys = list(axes)
+    choices = [v if isinstance(v, list) else [v] for v in axes.values()]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
+def method_label(config: RunConfig) -> str:
+    """Row label in the papers' style: 'SGD', 'SAM rho=0.1', 'PGD-AT linf eps=8/255'."""
+    method = config.method
+    optimizer = {"sgd": "SGD", "adam": "Adam"}[config.train.optimizer.name]
+    if method.name == "standard":
+        return optimizer
+    suffix = "" if optimizer == "SGD" else f" ({optimizer})"
+    if method.name in ("sam", "asam"):
+        return f"{method.name.upper()} rho={method.rho:g}{suffix}"
+    kind = "PGD-AT" if method.name == "pgd_at" else "FGSM-AT"
+    return f"{kind} {method.norm} eps={format_budget(method.eps)}{suffix}"
+
+
+def format_budget(value: float) -> str:
+    """8/255 for multiples of 1/255, else a short float."""
+    scaled = value * 255
+    if abs(scaled - round(scaled)) < 1e-6 and round(scaled) > 0:
+        return f"{round(scaled)}/255"
+    return f"{value:g}"
+
+
+def _label(config: RunConfig, assignment: dict[str, Any]) -> str:
+    extras = [
+        f"{key}={value}"
+        for key, value in assignment.items()
+        if not key.startswith("method.") and key not in ("seed", "train.optimizer.name")
+        and not key.startswith("train.optimizer")
+    ]
+    return " ".join([method_label(config), *extras])
+
+
+def _matches(config: RunConfig, rule: dict[str, Any]) -> bool:
+    resolved = config.model_dump(mode="json")
+    for key, expected in rule.items():
+        try:
+            actual = get_dotted(resolved, key)
+        except KeyError:
+            return False
+        options = expected if isinstance(expected, list) else [expected]
+        if not any(_same(actual, option) for option in options):
+            return False
+    return True
+
+
+def _same(actual: Any, expected: Any) -> bool:
+    if isinstance(actual, float) and not isinstance(expected, bool):
+        try:
+            return abs(actual - float(parse_budget(expected))) <= 1e-12 * max(1.0, abs(actual))
+        except (TypeError, ValueError):
+            return False
+    return actual == expected
+
+
+def expand(grid: GridConfig, source: str = "grid") -> list[RunSpec]:
+    """All runs of a grid, validated, in a stable order, without duplicates."""
+    output = Path(grid.output or Path("results") / grid.name)
+    assignments: list[dict[str, Any]] = []
+    for swept in _product(grid.sweep) if grid.sweep else [{}]:
+        for variant in grid.variants or [{}]:
+            for within in _product(variant):
+                assignments.append({**swept, **within})
+    for extra in grid.include:
+        assignments.extend(_product(extra))
+
+    specs: dict[str, RunSpec] = {}
+    for assignment in assignments:
+        for seed in grid.seeds:
+            data = copy.deepcopy(grid.base)
+            for key, value in assignment.items():
+                set_dotted(data, key, value)
+            data["seed"] = seed
+            config = validate_run(data, source)
+            if any(_matches(config, rule) for rule in grid.exclude):
+                continue
+            rid = run_id(config)
+            if rid not in specs:
+                specs[rid] = RunSpec(rid, config, _label(config, assignment), output / "runs" / rid)
+    if not specs:
+        raise ConfigError(
+            f"{source}: the grid expands to no runs; check seeds, variants and exclude"
+        )
+    return list(specs.values())
+
+
+def check_names(specs: list[RunSpec], source: str = "grid") -> None:
+    """Names that pydantic cannot know (models, attack presets) checked before anything runs."""
+    from samat import attacks, models
+
+    known = set(models.names())
+    for spec in specs:
+        name = spec.config.model.name
+        if name not in known:
+            raise ConfigError(
+                f"{source}: unknown model {name!r} (model.name); choose one of {sorted(known)}"
+            )
+        attacks.resolve(spec.config.eval.attacks)

@@ -1,0 +1,112 @@
+"""What SLURM says: partitions, the array size limit, job states. Every query is bounded in time."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from submitit.slurm.slurm import read_job_id
+
+# A scheduler command that takes longer than this is treated as unanswered, never waited on.
+QUERY_TIMEOUT_S = 30
+# SLURM's default MaxArraySize: array indices run from 0 to MaxArraySize - 1.
+DEFAULT_MAX_ARRAY_SIZE = 1001
+# Job states in which a task still has to run or is running (sacct and squeue spellings).
+ACTIVE_STATES = frozenset({
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+    "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD",
+})
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    state: str
+    elapsed: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+def query(command: list[str]) -> str | None:
+    """stdout of a scheduler command, or None when it is missing, fails or does not answer."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S,
+                              check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout
+
+
+def has_sbatch() -> bool:
+    return shutil.which("sbatch") is not None
+
+
+def partitions() -> list[str] | None:
+    """Partition names the cluster knows, or None when sinfo does not answer."""
+    out = query(["sinfo", "-h", "-o", "%R"])
+    return None if out is None else sorted(set(out.split()))
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (`scontrol show config`), SLURM's default when unknown."""
+    out = query(["scontrol", "show", "config"]) or ""
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, flags=re.MULTILINE)
+    # MaxArraySize=0 disables arrays: each task then goes in an array of its own (a plain job).
+    return max(1, int(match.group(1))) if match else DEFAULT_MAX_ARRAY_SIZE
+
+
+def parse_sacct(text: str) -> dict[str, JobInfo]:
+    """`sacct -X -n -P -o JobID,State,Elapsed` lines as {'123_4': JobInfo}, ranges expanded."""
+    jobs: dict[str, JobInfo] = {}
+    for line in text.splitlines():
+        fields = line.split("|")
+        if len(fields) < 2 or not fields[0] or "." in fields[0]:
+            continue
+        # 'CANCELLED by 0' -> 'CANCELLED'
+        info = JobInfo(fields[1].split()[0] if fields[1].strip() else "UNKNOWN",
+                       fields[2] if len(fields) > 2 else "")
+        for parts in _job_id_parts(fields[0]):
+            if len(parts) == 1:
+                jobs[parts[0]] = info
+                continue
+            for index in range(int(parts[1]), int(parts[-1]) + 1):
+                jobs[f"{parts[0]}_{index}"] = info
+    return jobs
+
+
+def _job_id_parts(job_id: str) -> list[tuple[str, ...]]:
+    try:
+        return read_job_id(job_id)
+    except ValueError:  # a heterogeneous job ('12+0') or another form samat never submits
+        return []
+
+
+def job_states(job_ids: Iterable[str]) -> dict[str, JobInfo] | None:
+    """What the scheduler knows of these jobs ('123' or '123_4'); None when SLURM does not answer.
+
+    sacct gives finished jobs too (while accounting remembers them); squeue's answer wins for jobs
+    still queued or running, since it is the controller's own view.
+    """
+    bases = sorted({job_id.split("_")[0] for job_id in job_ids if _is_slurm_id(job_id)})
+    if not bases:
+        return {}
+    known: dict[str, JobInfo] = {}
+    sacct = query(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Elapsed", "-j", ",".join(bases)])
+    if sacct is not None:
+        known.update(parse_sacct(sacct))
+    squeue = query(["squeue", "-h", "-r", "--me", "-o", "%i|%T|%M"])
+    if squeue is not None:
+        wanted = set(bases)
+        active = parse_sacct(squeue)
+        known.update({k: v for k, v in active.items() if k.split("_")[0] in wanted})
+    if sacct is None and squeue is None:
+        return None
+    return known
+
+
+def _is_slurm_id(job_id: str | None) -> bool:
+    return bool(job_id) and re.fullmatch(r"\d+(_\d+)?", str(job_id)) is not None

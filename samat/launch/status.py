@@ -1,0 +1,146 @@
+"""Per-run state: run directories joined with the scheduler's view, without blocking calls."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from samat.config import ConfigError
+from samat.launch.scheduler import JobInfo, job_states
+from samat.store import LOG, RunDir, find_runs
+
+# Seconds between two looks at the scheduler while following an array.
+FOLLOW_INTERVAL_S = 3.0
+STATE_STYLES = {"done": "green", "running": "cyan", "queued": "blue", "failed": "red",
+                "interrupted": "yellow", "pending": "dim"}
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    label: str
+    state: str
+    attempts: int
+    requeues: int
+    job_id: str
+    elapsed: str
+    note: str
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("done", "failed", "interrupted")
+
+
+def combined_state(run: RunDir, state: dict, jobs: dict[str, JobInfo] | None) -> tuple[str, str]:
+    """(state, note) of a run from its directory and what the scheduler knows (None: no answer).
+
+    The scheduler wins while a task is queued or running (a forced re-run of a finished run is
+    running, not done); after that the run directory decides.
+    """
+    job_id = str(state.get("job_id") or "")
+    job = (jobs or {}).get(job_id)
+    if job is not None and job.active:
+        return ("running" if job.state in ("RUNNING", "COMPLETING") else "queued"), job.state
+    if run.is_complete():
+        return "done", ""
+    if job is not None:
+        return "failed", f"{job.state}: {state.get('error') or 'no result'}"
+    if state["state"] == "failed":
+        return "failed", state.get("error") or ""
+    base = job_id.split("_")[0]
+    if jobs is not None and job_id.replace("_", "").isdigit() and not any(
+        known.split("_")[0] == base for known in jobs
+    ):
+        # the scheduler has no such job (any more) and the run has no result: killed or lost
+        return "interrupted", "no live job; submit again to resume"
+    return state["state"], ""
+
+
+def run_statuses(runs: list[RunDir]) -> list[RunStatus]:
+    """One RunStatus per run directory, asking the scheduler once for all of them."""
+    states = [run.state() for run in runs]
+    jobs = job_states(str(s["job_id"]) for s in states if s.get("job_id"))
+    rows = []
+    for run, state in zip(runs, states, strict=True):
+        name, note = combined_state(run, state, jobs)
+        job = (jobs or {}).get(str(state.get("job_id")))
+        rows.append(RunStatus(
+            run_id=run.run_id, label=state.get("label") or "-", state=name,
+            attempts=int(state.get("attempts") or 0), requeues=int(state.get("requeues") or 0),
+            job_id=str(state.get("job_id") or "-"),
+            elapsed=job.elapsed if job and job.elapsed else _result_elapsed(run), note=note,
+        ))
+    return rows
+
+
+def _result_elapsed(run: RunDir) -> str:
+    result = run.result()
+    if result is None:
+        return "-"
+    return _clock(result.get("train_seconds", 0) + result.get("eval_seconds", 0))
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:{secs:02d}"
+
+
+def status_table(rows: list[RunStatus], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("run id", "label", "state", "attempts", "requeues", "job id", "elapsed"):
+        table.add_column(column, justify="right" if column in ("attempts", "requeues") else "left")
+    notes = any(row.note for row in rows)
+    if notes:
+        table.add_column("note", overflow="fold")
+    for row in rows:
+        cells = [row.run_id, row.label, f"[{STATE_STYLES.get(row.state, '')}]{row.state}[/]",
+                 str(row.attempts), str(row.requeues), row.job_id, row.elapsed]
+        table.add_row(*cells, *([row.note] if notes else []))
+    return table
+
+
+def summary(rows: list[RunStatus]) -> str:
+    """'6 runs: 4 done, 1 running, 1 failed'."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.state] = counts.get(row.state, 0) + 1
+    order = sorted(counts, key=lambda s: list(STATE_STYLES).index(s) if s in STATE_STYLES else 99)
+    return f"{len(rows)} runs: " + ", ".join(f"{counts[s]} {s}" for s in order)
+
+
+def show_status(path: Path, *, console: Console) -> int:
+    """Print the status table of an output directory and a summary line; the exit code."""
+    runs = find_runs(path)
+    if not runs:
+        raise ConfigError(f"{path}: no run directories here; check the path or submit the grid")
+    rows = run_statuses(runs)
+    console.print(status_table(rows, f"{path}"))
+    console.print(summary(rows))
+    return 0
+
+
+def follow(runs: list[RunDir], *, console: Console, interval: float = FOLLOW_INTERVAL_S) -> int:
+    """Refresh a live status table until every run has ended; 0 when all are done, else 1."""
+    rows = run_statuses(runs)
+    with Live(status_table(rows, "following"), console=console, auto_refresh=False) as live:
+        while not all(row.ended for row in rows):
+            time.sleep(interval)
+            rows = run_statuses(runs)
+            live.update(status_table(rows, "following"), refresh=True)
+    console.print(summary(rows))
+    return 0 if all(row.state == "done" for row in rows) else 1
+
+
+def result_line(run: RunDir, label: str) -> str:
+    """One line for a finished run: its accuracies, or why it failed and where its log is."""
+    result = run.result()
+    if result is None:
+        error = run.state().get("error") or "no result"
+        return f"failed {run.run_id} {label}: {error} (log: {run.file(LOG)})"
+    robust = "".join(f", {name} {value:.1%}" for name, value in result["robust"].items())
+    return f"done {run.run_id} {label}: natural {result['natural']:.1%}{robust}"

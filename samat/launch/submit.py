@@ -1,0 +1,261 @@
+"""Submit a grid: validate first, skip finished or queued runs, then a SLURM array or local runs."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.table import Table
+from submitit import LocalExecutor, SlurmExecutor
+from submitit.core.utils import FailedJobError
+from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
+
+from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig
+from samat.grid import RunSpec, expand
+from samat.launch import scheduler
+from samat.launch.status import follow, result_line
+from samat.launch.task import RunTask
+from samat.store import RunDir, prepare
+
+T = TypeVar("T")
+ACTIONS = ("submit", "done", "queued", "running")
+
+
+def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
+    """The grid's `slurm:` section as submitit SlurmExecutor parameters (sbatch's names)."""
+    params: dict[str, Any] = {
+        "job_name": f"samat-{name}",
+        "time": slurm.timeout_min,
+        "cpus_per_task": slurm.cpus_per_task,
+        "array_parallelism": slurm.array_parallelism,
+        "signal_delay_s": slurm.signal_delay_s,
+    }
+    optional = {
+        "partition": slurm.partition, "account": slurm.account, "qos": slurm.qos,
+        "constraint": slurm.constraint,
+        # --gpus-per-node=0 is refused where there is no GPU gres: ask only for a positive count
+        "gpus_per_node": slurm.gpus_per_node or None,
+        "mem": _convert_mem(slurm.mem_gb) if slurm.mem_gb else None,
+        "setup": list(slurm.setup) or None,
+        "additional_parameters": dict(slurm.additional_parameters) or None,
+    }
+    params.update({key: value for key, value in optional.items() if value is not None})
+    return params
+
+
+def array_chunks(items: Sequence[T], max_size: int) -> list[list[T]]:
+    """Consecutive slices of at most max_size items: one SLURM array each (MaxArraySize)."""
+    return [list(items[i : i + max_size]) for i in range(0, len(items), max_size)]
+
+
+def submitit_folder(output: Path) -> Path:
+    """Where submitit keeps its pickles and each job's stdout/stderr (one folder per job)."""
+    return Path(output).expanduser().absolute() / "submitit" / "%j"
+
+
+def sbatch_script(params: dict[str, Any], folder: Path, count: int) -> str:
+    """The sbatch file submitit writes for an array of `count` tasks with these parameters."""
+    # the same command line as SlurmExecutor._submitit_command_str
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
+                        shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder,
+                               map_count=count if count > 1 else None, **params)
+
+
+def resolve_executor(executor: str, *, dry_run: bool = False) -> str:
+    """'slurm' or 'local' for --executor auto|slurm|local; slurm without sbatch is an error."""
+    if executor == "auto":
+        return "slurm" if scheduler.has_sbatch() else "local"
+    if executor == "slurm" and not dry_run and not scheduler.has_sbatch():
+        raise ConfigError(
+            "sbatch not found on PATH; install SLURM's client or use --executor local"
+        )
+    if executor not in ("slurm", "local"):
+        raise ConfigError(f"unknown executor {executor!r}; use auto, slurm or local")
+    return executor
+
+
+def check_output_dir(output: Path, *, create: bool) -> None:
+    """The output directory exists (or can be made) and takes new files; ConfigError if not."""
+    fix = "choose another `output` in the grid file"
+    if not create:
+        existing = next(p for p in [output, *output.absolute().parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"output directory {output} is not writable ({existing}); {fix}")
+        return
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".samat-write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"output directory {output} is not writable ({reason}); {fix}") from None
+
+
+def check_partition(partition: str | None) -> None:
+    """A partition the cluster knows (when sinfo answers); ConfigError listing the known ones."""
+    if partition is None:
+        return
+    known = scheduler.partitions()
+    unknown = [p for p in partition.split(",") if known is not None and p not in known]
+    if unknown:
+        raise ConfigError(f"unknown partition {unknown[0]!r} (slurm.partition); "
+                          f"this cluster has: {', '.join(known or [])}")
+
+
+def container_commands(container: ContainerConfig, specs: list[RunSpec]) -> dict[str, list[str]]:
+    """Each run's container argv (empty without a container); building them validates the image."""
+    if container.runtime == "none":
+        return {}
+    from samat.container import task_command
+
+    return {spec.run_id: task_command(container, spec.run_dir) for spec in specs}
+
+
+def select_runs(specs: list[RunSpec], *, force: bool = False) -> dict[str, str]:
+    """What to do with each run (by run id): submit it, or skip it as done / queued / running."""
+    states = {spec.run_id: RunDir(spec.run_dir).state() for spec in specs}
+    jobs = scheduler.job_states(str(s["job_id"]) for s in states.values() if s["job_id"]) or {}
+    actions = {}
+    for spec in specs:
+        job = jobs.get(str(states[spec.run_id]["job_id"]))
+        if job is not None and job.active:
+            actions[spec.run_id] = "running" if job.state == "RUNNING" else "queued"
+        elif not force and RunDir(spec.run_dir).is_complete():
+            actions[spec.run_id] = "done"
+        else:
+            actions[spec.run_id] = "submit"
+    return actions
+
+
+def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = False,
+                force: bool = False, wait: bool = False, console: Console) -> int:
+    """Validate, then submit a grid's unfinished runs; the exit code for the CLI.
+
+    SLURM: one submitit array per MaxArraySize runs; returns once queued (or, with wait, when all
+    tasks have ended). Local: the runs one after another, blocking, one line per finished run.
+    """
+    specs = expand(grid)
+    output = Path(grid.output or Path("results") / grid.name)
+    kind = resolve_executor(executor, dry_run=dry_run)
+    check_output_dir(output, create=not dry_run)
+    if kind == "slurm":
+        check_partition(grid.slurm.partition)
+    commands = container_commands(grid.container, specs)
+    actions = select_runs(specs, force=force)
+    todo = [spec for spec in specs if actions[spec.run_id] == "submit"]
+    console.print(_executor_line(executor, kind))
+    if dry_run:
+        _print_dry_run(grid, specs, actions, kind, output, console)
+        return 0
+    console.print(_skipped_line(actions))
+    if not todo:
+        console.print(f"nothing to submit; results in {output}")
+        return 0
+    for spec in specs:
+        run = prepare(spec)
+        if actions[spec.run_id] == "submit":
+            run.update_state(state="pending", error=None)
+    tasks = [RunTask(spec.run_dir, commands.get(spec.run_id)) for spec in todo]
+    if kind == "local":
+        return _run_local(grid, todo, tasks, output, console)
+    _submit_slurm(grid, todo, tasks, output, console)
+    console.print(f"{len(todo)} runs submitted; results in {output / 'runs'} "
+                  f"(samat status {output}; samat collect {output})")
+    if not wait:
+        return 0
+    return follow([RunDir(spec.run_dir) for spec in todo], console=console)
+
+
+def _executor_line(asked: str, kind: str) -> str:
+    if asked != "auto":
+        return f"executor: {kind}"
+    why = "sbatch on PATH" if kind == "slurm" else "no sbatch on PATH: runs go one at a time here"
+    return f"executor: {kind} ({why})"
+
+
+def _skipped_line(actions: dict[str, str]) -> str:
+    counts = {a: sum(v == a for v in actions.values()) for a in ACTIONS[1:]}
+    skipped = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
+    return f"{len(actions)} runs in the grid; skipped: {skipped or 'none'}"
+
+
+def _submit_slurm(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path,
+                  console: Console) -> None:
+    executor = SlurmExecutor(folder=submitit_folder(output),
+                             max_num_timeout=grid.slurm.max_num_timeout)
+    executor.update_parameters(**slurm_parameters(grid.slurm, grid.name))
+    size = scheduler.max_array_size()
+    for chunk_specs, chunk_tasks in zip(array_chunks(specs, size), array_chunks(tasks, size),
+                                        strict=True):
+        try:
+            jobs = executor.submit_array(chunk_tasks)
+        except FailedJobError as error:
+            reason = next((ln for ln in str(error).splitlines() if ln.strip()), "no message")
+            raise ConfigError(f"sbatch refused the job: {reason.strip()}; "
+                              "check the grid's slurm section") from None
+        for spec, job in zip(chunk_specs, jobs, strict=True):
+            RunDir(spec.run_dir).update_state(job_id=job.job_id)
+        array_id = jobs[0].job_id.split("_")[0]
+        shape = f"array 0-{len(jobs) - 1}" if len(jobs) > 1 else "single task"
+        console.print(f"submitted SLURM job {array_id} ({shape}, {len(jobs)} runs, "
+                      f"at most {grid.slurm.array_parallelism} at a time)")
+
+
+def _run_local(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path,
+               console: Console) -> int:
+    executor = LocalExecutor(folder=submitit_folder(output),
+                             max_num_timeout=grid.slurm.max_num_timeout)
+    executor.update_parameters(timeout_min=grid.slurm.timeout_min,
+                               signal_delay_s=grid.slurm.signal_delay_s,
+                               **_local_gpus(grid.slurm.gpus_per_node))
+    failed = 0
+    for index, (spec, task) in enumerate(zip(specs, tasks, strict=True), start=1):
+        job = executor.submit(task)
+        try:
+            while not job.done():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            job.cancel()
+            raise
+        run = RunDir(spec.run_dir)
+        failed += not run.is_complete()
+        console.print(f"[{index}/{len(specs)}] {result_line(run, spec.label)}")
+    console.print(f"{len(specs) - failed} of {len(specs)} runs done; results in {output}")
+    return 1 if failed else 0
+
+
+def _local_gpus(wanted: int) -> dict[str, Any]:
+    """GPU parameters for LocalExecutor that keep a CUDA_VISIBLE_DEVICES the user has set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return {"gpus_per_node": wanted}
+    ids = [int(part) for part in visible.split(",") if part.strip().isdigit()]
+    return {"gpus_per_node": min(wanted, len(ids)), "visible_gpus": ids}
+
+
+def _print_dry_run(grid: GridConfig, specs: list[RunSpec], actions: dict[str, str], kind: str,
+                   output: Path, console: Console) -> None:
+    todo = [spec for spec in specs if actions[spec.run_id] == "submit"]
+    if kind == "slurm":
+        params = slurm_parameters(grid.slurm, grid.name)
+        chunks = array_chunks(todo, scheduler.max_array_size()) if todo else []
+        for number, chunk in enumerate(chunks, start=1):
+            console.print(f"# sbatch script {number} of {len(chunks)} ({len(chunk)} runs):",
+                          markup=False, highlight=False)
+            console.print(sbatch_script(params, submitit_folder(output), len(chunk)),
+                          markup=False, highlight=False, soft_wrap=True)
+    table = Table(title=f"{len(specs)} runs -> {output / 'runs'}")
+    for column in ("run id", "label", "action"):
+        table.add_column(column)
+    for spec in specs:
+        table.add_row(spec.run_id, spec.label, actions[spec.run_id])
+    console.print(table)
+    console.print(f"dry run: {len(todo)} runs would be submitted ({kind}); nothing submitted")

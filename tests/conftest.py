@@ -1,0 +1,34 @@
+"""Shared fixtures: small thread counts (2-core CI) and helpers to write grids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def write_yaml(tmp_path: Path):
+    """Write a mapping as YAML into tmp_path and return its path."""
+
+    def write(data: dict[str, Any], name: str = "grid.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+TINY_BASE: dict[str, Any] = {
+    "data": {"name": "digits", "train_size": 256, "test_size": 64},
+    "model": {"name": "small_cnn", "width": 8},
+    "train": {"epochs": 2, "batch_size": 64, "deterministic": True,
+              "optimizer": {"name": "sgd", "lr": 0.05}},
+    "eval": {"n_examples": 32, "batch_size": 64,
+             "attacks": [{"attack": "fgsm", "norm": "linf", "eps": 0.1, "label": "FGSM"}]},
+}
