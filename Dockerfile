@@ -37,12 +37,12 @@ COPY pyproject.toml README.m[d] ./
 COPY samat/__init__.py samat/
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
-    pip install --no-cache-dir . && pip uninstall --yes samat
+    pip install --no-cache-dir .
 
 COPY . .
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build samat.egg-info \
-    && useradd --create-home --uid 1000 --user-group samat
+    && useradd --create-home --user-group samat
 
 USER samat
 ENTRYPOINT ["samat"]

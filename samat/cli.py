@@ -16,7 +16,7 @@ from rich.table import Table
 
 from samat import __version__
 from samat.config import ConfigError, load_grid, load_run
-from samat.grid import RunSpec, check_names, expand, method_label, run_id
+from samat.grid import RunSpec, preflight, expand, method_label, run_id
 from samat.theory_cli import theory
 
 console = Console()
@@ -61,7 +61,7 @@ def cli(verbose: bool) -> None:
 def _load_specs(grid_file: Path) -> tuple[Any, list[RunSpec]]:
     grid = load_grid(grid_file)
     specs = expand(grid, str(grid_file))
-    check_names(specs, str(grid_file))
+    preflight(specs, str(grid_file))
     return grid, specs
 
 
@@ -122,7 +122,7 @@ def run(target: Path, output: Path) -> None:
         config = load_run(target)
         rid = run_id(config)
         spec = RunSpec(rid, config, method_label(config), output / "runs" / rid)
-        check_names([spec], str(target))
+        preflight([spec], str(target))
         run_dir = prepare(spec).path
     result = execute(run_dir)
     robust = ", ".join(f"{k} {v:.1%}" for k, v in result["robust"].items())

@@ -214,27 +214,33 @@ class GridConfig(Strict):
 
 def format_validation_error(error: ValidationError, source: str) -> str:
     """One line naming the first bad key by its dotted path, and what is wrong with it."""
-    first = error.errors()[0]
+    # In `AttackSpec | str` unions pydantic also reports the str branch; it only adds noise.
+    errors = [e for e in error.errors() if "str" not in e["loc"]] or error.errors()
+    first = errors[0]
     path = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
     kind = first["type"]
+    got = first.get("input")
     if kind == "extra_forbidden":
         what = f"unknown key {path!r}; remove it or check its spelling"
     elif kind == "missing":
         what = f"missing key {path!r}; add it"
+    elif kind == "union_tag_invalid":
+        expected = first["ctx"]["expected_tags"]
+        what = f"{path}.name: unknown name {first['ctx']['tag']!r}; choose one of {expected}"
     else:
         message = first["msg"].removeprefix("Value error, ")
-        got = first.get("input")
-        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        shown = "" if isinstance(got, dict | list) or got is None or repr(got) in message else (
+            f" (got {got!r})")
         what = f"{path or 'config'}: {message}{shown}"
-    more = len(error.errors()) - 1
+    more = len(errors) - 1
     suffix = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
     return f"{source}: {what}{suffix}"
 
 
 def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the discriminator's value (e.g. 'sam') into the error location of a union member
+    # pydantic puts union members (a tag such as 'sam', or a class name) into error locations
     return part in ("standard", "sam", "asam", "pgd_at", "fgsm_at") or (
-        isinstance(part, str) and part.startswith(("function-", "list[", "dict["))
+        isinstance(part, str) and (part[:1].isupper() or part.startswith(("function-", "list[")))
     )
 
 

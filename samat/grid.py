@@ -149,15 +149,18 @@ def expand(grid: GridConfig, source: str = "grid") -> list[RunSpec]:
     return list(specs.values())
 
 
-def check_names(specs: list[RunSpec], source: str = "grid") -> None:
-    """Names that pydantic cannot know (models, attack presets) checked before anything runs."""
+def preflight(specs: list[RunSpec], source: str = "grid") -> None:
+    """What pydantic cannot check (model names, attack presets, data roots), before anything runs."""
     from samat import attacks, models
 
     known = set(models.names())
     for spec in specs:
-        name = spec.config.model.name
-        if name not in known:
-            raise ConfigError(
-                f"{source}: unknown model {name!r} (model.name); choose one of {sorted(known)}"
-            )
-        attacks.resolve(spec.config.eval.attacks)
+        config = spec.config
+        if config.model.name not in known:
+            raise ConfigError(f"{source}: unknown model {config.model.name!r} (model.name); "
+                              f"choose one of {sorted(known)}")
+        root = config.data.root
+        if root is not None and not root.is_dir():
+            raise ConfigError(f"{source}: data.root {root} does not exist; "
+                              f"put the {config.data.name} data there or fix data.root")
+        attacks.resolve(config.eval.attacks)

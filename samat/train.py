@@ -167,7 +167,10 @@ def execute(run_dir: Path) -> dict[str, Any]:
     config = run.config()
     handler = logging.FileHandler(run.file(LOG))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("samat").addHandler(handler)
+    logger = logging.getLogger("samat")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # the run's log file always gets the epoch lines
     attempts = run.state()["attempts"] + 1
     run.update_state(state="running", attempts=attempts, error=None, host=socket.gethostname(),
                      job_id=os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")))
@@ -179,7 +182,7 @@ def execute(run_dir: Path) -> dict[str, Any]:
             run.update_state(state="failed", error=message)
         raise
     finally:
-        logging.getLogger("samat").removeHandler(handler)
+        logger.removeHandler(handler)
         handler.close()
     run.update_state(state="done", error=None)
     return result

@@ -91,22 +91,24 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobInfo] | None:
     sacct gives finished jobs too (while accounting remembers them); squeue's answer wins for jobs
     still queued or running, since it is the controller's own view.
     """
-    bases = sorted({job_id.split("_")[0] for job_id in job_ids if _is_slurm_id(job_id)})
+    bases = {job_id.split("_")[0] for job_id in job_ids if is_slurm_id(job_id)}
     if not bases:
         return {}
     known: dict[str, JobInfo] = {}
-    sacct = query(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Elapsed", "-j", ",".join(bases)])
+    ids = ",".join(sorted(bases))
+    sacct = query(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Elapsed", "-j", ids])
     if sacct is not None:
         known.update(parse_sacct(sacct))
     squeue = query(["squeue", "-h", "-r", "--me", "-o", "%i|%T|%M"])
-    if squeue is not None:
-        wanted = set(bases)
-        active = parse_sacct(squeue)
-        known.update({k: v for k, v in active.items() if k.split("_")[0] in wanted})
+    for job_id, info in parse_sacct(squeue or "").items():
+        if job_id.split("_")[0] in bases:
+            # sacct's elapsed time reads like the rest of the table ('00:01:02', not '1:02')
+            known[job_id] = JobInfo(info.state, known[job_id].elapsed if job_id in known
+                                    else info.elapsed)
     if sacct is None and squeue is None:
         return None
     return known
 
 
-def _is_slurm_id(job_id: str | None) -> bool:
-    return bool(job_id) and re.fullmatch(r"\d+(_\d+)?", str(job_id)) is not None
+def is_slurm_id(job_id: str) -> bool:
+    return re.fullmatch(r"\d+(_\d+)?", job_id) is not None

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from samat.config import ConfigError
-from samat.launch.scheduler import JobInfo, job_states
+from samat.launch.scheduler import JobInfo, is_slurm_id, job_states
 from samat.store import LOG, RunDir, find_runs
 
 # Seconds between two looks at the scheduler while following an array.
@@ -24,6 +24,7 @@ STATE_STYLES = {"done": "green", "running": "cyan", "queued": "blue", "failed": 
 class RunStatus:
     run_id: str
     label: str
+    seed: str
     state: str
     attempts: int
     requeues: int
@@ -45,19 +46,23 @@ def combined_state(run: RunDir, state: dict, jobs: dict[str, JobInfo] | None) ->
     job_id = str(state.get("job_id") or "")
     job = (jobs or {}).get(job_id)
     if job is not None and job.active:
-        return ("running" if job.state in ("RUNNING", "COMPLETING") else "queued"), job.state
+        running = job.state in ("RUNNING", "COMPLETING")
+        note = "" if job.state in ("RUNNING", "PENDING") else job.state
+        return ("running" if running else "queued"), note
     if run.is_complete():
         return "done", ""
-    if job is not None:
-        return "failed", f"{job.state}: {state.get('error') or 'no result'}"
     if state["state"] == "failed":
         return "failed", state.get("error") or ""
+    if job is not None and job.state != "COMPLETED":
+        return "failed", f"job {job.state}, no result"
     base = job_id.split("_")[0]
-    if jobs is not None and job_id.replace("_", "").isdigit() and not any(
+    if jobs is not None and is_slurm_id(job_id) and not any(
         known.split("_")[0] == base for known in jobs
     ):
         # the scheduler has no such job (any more) and the run has no result: killed or lost
         return "interrupted", "no live job; submit again to resume"
+    if state["state"] == "done" or job is not None:
+        return "pending", "result missing; submit again"
     return state["state"], ""
 
 
@@ -70,12 +75,19 @@ def run_statuses(runs: list[RunDir]) -> list[RunStatus]:
         name, note = combined_state(run, state, jobs)
         job = (jobs or {}).get(str(state.get("job_id")))
         rows.append(RunStatus(
-            run_id=run.run_id, label=state.get("label") or "-", state=name,
+            run_id=run.run_id, label=state.get("label") or "-", seed=_seed(run), state=name,
             attempts=int(state.get("attempts") or 0), requeues=int(state.get("requeues") or 0),
             job_id=str(state.get("job_id") or "-"),
             elapsed=job.elapsed if job and job.elapsed else _result_elapsed(run), note=note,
         ))
     return rows
+
+
+def _seed(run: RunDir) -> str:
+    try:
+        return str(run.config().seed)
+    except ConfigError:  # a damaged config.yaml must not stop the table
+        return "-"
 
 
 def _result_elapsed(run: RunDir) -> str:
@@ -92,13 +104,15 @@ def _clock(seconds: float) -> str:
 
 def status_table(rows: list[RunStatus], title: str) -> Table:
     table = Table(title=title)
-    for column in ("run id", "label", "state", "attempts", "requeues", "job id", "elapsed"):
-        table.add_column(column, justify="right" if column in ("attempts", "requeues") else "left")
+    for column in ("run id", "label", "seed", "state", "attempts", "requeues", "job id", "elapsed"):
+        numeric = column in ("seed", "attempts", "requeues")
+        table.add_column(column, justify="right" if numeric else "left",
+                         no_wrap=column in ("run id", "job id", "elapsed"))
     notes = any(row.note for row in rows)
     if notes:
         table.add_column("note", overflow="fold")
     for row in rows:
-        cells = [row.run_id, row.label, f"[{STATE_STYLES.get(row.state, '')}]{row.state}[/]",
+        cells = [row.run_id, row.label, row.seed, f"[{STATE_STYLES[row.state]}]{row.state}[/]",
                  str(row.attempts), str(row.requeues), row.job_id, row.elapsed]
         table.add_row(*cells, *([row.note] if notes else []))
     return table
@@ -106,11 +120,13 @@ def status_table(rows: list[RunStatus], title: str) -> Table:
 
 def summary(rows: list[RunStatus]) -> str:
     """'6 runs: 4 done, 1 running, 1 failed'."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row.state] = counts.get(row.state, 0) + 1
-    order = sorted(counts, key=lambda s: list(STATE_STYLES).index(s) if s in STATE_STYLES else 99)
-    return f"{len(rows)} runs: " + ", ".join(f"{counts[s]} {s}" for s in order)
+    counts = {state: sum(row.state == state for row in rows) for state in STATE_STYLES}
+    parts = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    return f"{plural(len(rows), 'run')}: {parts}"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def show_status(path: Path, *, console: Console) -> int:

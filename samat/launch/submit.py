@@ -20,7 +20,7 @@ from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig
 from samat.grid import RunSpec, expand
 from samat.launch import scheduler
-from samat.launch.status import follow, result_line
+from samat.launch.status import follow, plural, result_line
 from samat.launch.task import RunTask
 from samat.store import RunDir, prepare
 
@@ -155,9 +155,8 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
     if dry_run:
         _print_dry_run(grid, specs, actions, kind, output, console)
         return 0
-    console.print(_skipped_line(actions))
     if not todo:
-        console.print(f"nothing to submit; results in {output}")
+        console.print(f"nothing to submit: {_count_line(actions)}; results in {output}")
         return 0
     for spec in specs:
         run = prepare(spec)
@@ -165,10 +164,11 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
             run.update_state(state="pending", error=None)
     tasks = [RunTask(spec.run_dir, commands.get(spec.run_id)) for spec in todo]
     if kind == "local":
+        console.print(_count_line(actions))
         return _run_local(grid, todo, tasks, output, console)
     _submit_slurm(grid, todo, tasks, output, console)
-    console.print(f"{len(todo)} runs submitted; results in {output / 'runs'} "
-                  f"(samat status {output}; samat collect {output})")
+    console.print(_count_line(actions))
+    console.print(f"results: {output / 'runs'} (samat status {output}; samat collect {output})")
     if not wait:
         return 0
     return follow([RunDir(spec.run_dir) for spec in todo], console=console)
@@ -181,10 +181,13 @@ def _executor_line(asked: str, kind: str) -> str:
     return f"executor: {kind} ({why})"
 
 
-def _skipped_line(actions: dict[str, str]) -> str:
-    counts = {a: sum(v == a for v in actions.values()) for a in ACTIONS[1:]}
-    skipped = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
-    return f"{len(actions)} runs in the grid; skipped: {skipped or 'none'}"
+def _count_line(actions: dict[str, str]) -> str:
+    """'3 runs to run, 2 skipped (1 done, 1 queued)'."""
+    counts = {action: sum(a == action for a in actions.values()) for action in ACTIONS}
+    skipped = len(actions) - counts["submit"]
+    why = ", ".join(f"{n} {action}" for action, n in counts.items() if n and action != "submit")
+    return f"{plural(counts['submit'], 'run')} to run, {skipped} skipped" + (
+        f" ({why})" if why else "")
 
 
 def _submit_slurm(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path,
@@ -204,9 +207,9 @@ def _submit_slurm(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], 
         for spec, job in zip(chunk_specs, jobs, strict=True):
             RunDir(spec.run_dir).update_state(job_id=job.job_id)
         array_id = jobs[0].job_id.split("_")[0]
-        shape = f"array 0-{len(jobs) - 1}" if len(jobs) > 1 else "single task"
-        console.print(f"submitted SLURM job {array_id} ({shape}, {len(jobs)} runs, "
-                      f"at most {grid.slurm.array_parallelism} at a time)")
+        shape = (f"array 0-{len(jobs) - 1}, at most {grid.slurm.array_parallelism} at a time"
+                 if len(jobs) > 1 else "one task")
+        console.print(f"submitted SLURM job {array_id} ({shape})")
 
 
 def _run_local(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path,
@@ -228,7 +231,7 @@ def _run_local(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], out
         run = RunDir(spec.run_dir)
         failed += not run.is_complete()
         console.print(f"[{index}/{len(specs)}] {result_line(run, spec.label)}")
-    console.print(f"{len(specs) - failed} of {len(specs)} runs done; results in {output}")
+    console.print(f"{len(specs) - failed} of {plural(len(specs), 'run')} done; results in {output}")
     return 1 if failed else 0
 
 
@@ -248,14 +251,15 @@ def _print_dry_run(grid: GridConfig, specs: list[RunSpec], actions: dict[str, st
         params = slurm_parameters(grid.slurm, grid.name)
         chunks = array_chunks(todo, scheduler.max_array_size()) if todo else []
         for number, chunk in enumerate(chunks, start=1):
-            console.print(f"# sbatch script {number} of {len(chunks)} ({len(chunk)} runs):",
+            runs = plural(len(chunk), "run")
+            console.print(f"# sbatch script {number} of {len(chunks)} ({runs}):",
                           markup=False, highlight=False)
             console.print(sbatch_script(params, submitit_folder(output), len(chunk)),
                           markup=False, highlight=False, soft_wrap=True)
-    table = Table(title=f"{len(specs)} runs -> {output / 'runs'}")
-    for column in ("run id", "label", "action"):
+    table = Table(title=f"{plural(len(specs), 'run')} -> {output / 'runs'}")
+    for column in ("run id", "label", "seed", "action"):
         table.add_column(column)
     for spec in specs:
-        table.add_row(spec.run_id, spec.label, actions[spec.run_id])
+        table.add_row(spec.run_id, spec.label, str(spec.config.seed), actions[spec.run_id])
     console.print(table)
-    console.print(f"dry run: {len(todo)} runs would be submitted ({kind}); nothing submitted")
+    console.print(f"dry run ({kind}): {_count_line(actions)}; nothing submitted")

@@ -1,0 +1,136 @@
+import copy
+
+import pytest
+import torch
+
+from samat.config import ConfigError, ScheduleConfig, validate_run
+from samat.grid import RunSpec, method_label, run_id
+from samat.store import CHECKPOINT, RunDir, prepare, read_checkpoint
+from samat.train import TrainingError, execute, lr_factor
+from tests.conftest import TINY_BASE
+
+
+def make_run(tmp_path, **overrides) -> RunDir:
+    data = copy.deepcopy(TINY_BASE)
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    config = validate_run(data)
+    rid = run_id(config)
+    return prepare(RunSpec(rid, config, method_label(config), tmp_path / "runs" / rid))
+
+
+def test_lr_schedule_follows_the_papers():
+    paper = ScheduleConfig()
+    factors = [lr_factor(paper, e, 100) for e in (0, 74, 75, 89, 90, 99)]
+    assert factors == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = ScheduleConfig(name="cosine")
+    assert lr_factor(cosine, 0, 10) == 1 and lr_factor(cosine, 5, 10) == pytest.approx(0.5)
+    warm = ScheduleConfig(warmup_epochs=3)
+    assert [lr_factor(warm, e, 100) for e in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+
+
+def test_run_writes_result_metrics_and_state(tmp_path):
+    run = make_run(tmp_path)
+    result = execute(run.path)
+    assert run.state()["state"] == "done" and run.state()["attempts"] == 1
+    assert run.result() == result
+    assert 0.5 < result["natural"] <= 1
+    assert set(result["robust"]) == {"FGSM"} and result["robust"]["FGSM"] <= result["natural"]
+    assert result["average_robust"] == result["robust"]["FGSM"]
+    assert result["passes_per_step"] == 1
+    assert result["forward_backward_passes"] == 2 * 16  # 2 epochs x 16 batches of 32 from 512
+    assert [m["epoch"] for m in run.metrics()] == [1, 2]
+    assert "resumed" not in run.file("log").read_text()
+
+
+def _weights(run: RunDir) -> dict[str, torch.Tensor]:
+    tensors, _ = read_checkpoint(run.file(CHECKPOINT))
+    return {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+
+
+@pytest.mark.parametrize("method", [{"name": "sam", "rho": 0.1},
+                                    {"name": "pgd_at", "eps": 0.1, "steps": 2}])
+def test_resume_equals_uninterrupted(tmp_path, method):
+    straight = make_run(tmp_path / "a", method=method)
+    execute(straight.path)
+
+    stopped = make_run(tmp_path / "b", method=method, train={"epochs": 1})
+    execute(stopped.path)
+    # the same run, now asked for 2 epochs: continue from the 1-epoch checkpoint
+    resumed = make_run(tmp_path / "c", method=method)
+    resumed.file(CHECKPOINT).write_bytes(stopped.file(CHECKPOINT).read_bytes())
+    _retag_checkpoint(resumed)
+    execute(resumed.path)
+
+    assert "resumed from epoch 1" in resumed.file("log").read_text()
+    a, c = _weights(straight), _weights(resumed)
+    assert a.keys() == c.keys()
+    for key in a:
+        assert torch.equal(a[key], c[key]), key
+    assert straight.result()["natural"] == resumed.result()["natural"]
+    assert straight.result()["robust"] == resumed.result()["robust"]
+
+
+def _retag_checkpoint(run: RunDir) -> None:
+    """A 1-epoch run's checkpoint re-labelled as belonging to the 2-epoch run (same seed, data)."""
+    from samat.store import write_checkpoint
+
+    tensors, meta = read_checkpoint(run.file(CHECKPOINT))
+    meta["run_id"] = run_id(run.config())
+    write_checkpoint(run.file(CHECKPOINT), tensors, meta)
+
+
+def test_rerun_after_interruption_mid_training(tmp_path, monkeypatch):
+    """Killed after epoch 1 (as a preempted SLURM task is), the next attempt resumes there."""
+    straight = make_run(tmp_path / "a", train={"epochs": 3})
+    execute(straight.path)
+
+    run = make_run(tmp_path / "b", train={"epochs": 3})
+    import samat.train as train_module
+
+    real = train_module.write_checkpoint
+    calls = {"n": 0}
+
+    def preempt_after_first(path, tensors, meta):
+        real(path, tensors, meta)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # stands in for the job being killed
+
+    monkeypatch.setattr(train_module, "write_checkpoint", preempt_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        execute(run.path)
+    assert run.state()["state"] == "running"  # killed, not failed
+    monkeypatch.setattr(train_module, "write_checkpoint", real)
+    execute(run.path)
+    assert run.state()["attempts"] == 2
+    assert "resumed from epoch 1" in run.file("log").read_text()
+    assert _weights(run).keys() == _weights(straight).keys()
+    assert all(torch.equal(_weights(run)[k], _weights(straight)[k]) for k in _weights(run))
+
+
+def test_nan_loss_fails_the_run_with_a_fix(tmp_path):
+    run = make_run(tmp_path, train={"optimizer": {"name": "sgd", "lr": 1e30}})
+    with pytest.raises(TrainingError, match="lower train.optimizer.lr"):
+        execute(run.path)
+    state = run.state()
+    assert state["state"] == "failed" and "loss became" in state["error"]
+    assert run.result() is None
+
+
+def test_corrupt_checkpoint_stops_before_training(tmp_path):
+    run = make_run(tmp_path)
+    run.file(CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="corrupt"):
+        execute(run.path)
+    assert run.state()["state"] == "failed"
+    assert run.metrics() == []
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    other = make_run(tmp_path / "o", seed=5)
+    execute(other.path)
+    run = make_run(tmp_path / "r")
+    run.file(CHECKPOINT).write_bytes(other.file(CHECKPOINT).read_bytes())
+    with pytest.raises(ConfigError, match="belongs to another config"):
+        execute(run.path)
