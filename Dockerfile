@@ -4,8 +4,6 @@
 ARG BASE_IMAGE=docker.io/pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-
 # Python only where the base lacks it (ensurepip is what Debian's python3 leaves out); the
 # packages are not pinned because they come from whichever distribution the base runs.
 # hadolint ignore=DL3008
@@ -42,8 +40,9 @@ RUN --mount=type=secret,id=pip_cert \
 COPY . .
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build samat.egg-info \
-    && useradd --create-home --user-group samat
+    && useradd --no-log-init --create-home --uid 10001 --user-group samat
 
-USER samat
+# numeric, so that runtimes need no passwd lookup; `run --user` overrides it
+USER 10001:10001
 ENTRYPOINT ["samat"]
 CMD ["--help"]

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from samat import __version__
 from samat.config import ConfigError, load_grid, load_run
-from samat.grid import RunSpec, preflight, expand, method_label, run_id
+from samat.grid import RunSpec, expand, method_label, preflight, run_id
 from samat.theory_cli import theory
 
 console = Console()

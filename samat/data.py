@@ -231,6 +231,8 @@ def _tinyimagenet(root: Path) -> tuple[Split, Split, int]:
     for line in annotations.read_text().splitlines():
         if line.strip():
             file, wnid = line.split("\t")[:2]
+            if wnid not in index:
+                raise ConfigError(f"{annotations}: class {wnid} is not in wnids.txt; re-extract it")
             test_files.append((base / "val" / "images" / file, index[wnid]))
     if not train_files:
         raise _missing(root, "Tiny-ImageNet", "tiny-imagenet-200/train/<wnid>/images/*.JPEG")

@@ -150,7 +150,7 @@ def expand(grid: GridConfig, source: str = "grid") -> list[RunSpec]:
 
 
 def preflight(specs: list[RunSpec], source: str = "grid") -> None:
-    """What pydantic cannot check (model names, attack presets, data roots), before anything runs."""
+    """Check what pydantic cannot (model names, attack presets, data roots) before anything runs."""
     from samat import attacks, models
 
     known = set(models.names())

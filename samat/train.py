@@ -7,11 +7,13 @@ import math
 import os
 import platform
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import Progress, TimeElapsedColumn
 
 from samat import __version__, attacks, methods, models
 from samat.config import ConfigError, OptimizerConfig, RunConfig, ScheduleConfig
@@ -161,6 +163,15 @@ def accuracy(model: torch.nn.Module, loader: DeviceLoader) -> float:
     return correct / total
 
 
+def _progress_bar() -> Progress | None:
+    """A live bar on a terminal; None in batch jobs, whose logs get one line per epoch instead."""
+    if not sys.stdout.isatty():
+        return None
+    bar = Progress(*Progress.get_default_columns(), TimeElapsedColumn(), transient=True)
+    bar.start()
+    return bar
+
+
 def execute(run_dir: Path) -> dict[str, Any]:
     """Run (or resume) one run from its directory; write result.json and return it."""
     run = RunDir(run_dir)
@@ -204,6 +215,9 @@ def _train_and_evaluate(run: RunDir, config: RunConfig) -> dict[str, Any]:
     totals = {"train_seconds": 0.0, "images": 0, "steps": 0, **totals}
     log.info("run %s: %s on %s, %d epochs from epoch %d, device %s", run.run_id,
              config.method.name, config.data.name, train.epochs, start, device)
+    bar = _progress_bar()
+    task = bar.add_task(f"{config.method.name} seed {config.seed}",
+                        total=(train.epochs - start) * len(loader)) if bar else None
     for epoch in range(start, train.epochs):
         lr = train.optimizer.lr * lr_factor(train.schedule, epoch, train.epochs)
         for group in optimizer.param_groups:
@@ -221,6 +235,9 @@ def _train_and_evaluate(run: RunDir, config: RunConfig) -> dict[str, Any]:
             loss_sum += loss * labels.numel()
             correct += (out.logits.argmax(1) == labels).sum().item()
             seen += labels.numel()
+            if bar:
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{train.epochs} "
+                           f"loss {loss_sum / seen:.3f}")
         seconds = time.perf_counter() - began
         totals["train_seconds"] += seconds
         totals["images"] += seen
@@ -238,6 +255,8 @@ def _train_and_evaluate(run: RunDir, config: RunConfig) -> dict[str, Any]:
                  epoch + 1, train.epochs, record["loss"], record["train_accuracy"], lr, seconds,
                  record["images_per_second"])
 
+    if bar:
+        bar.stop()
     began = time.perf_counter()
     test = DeviceLoader(dataset.test, config.eval.batch_size, device=device, shuffle=False)
     natural = accuracy(model, test)

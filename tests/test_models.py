@@ -103,11 +103,11 @@ def test_small_cnn_learns_digits() -> None:
     model = models.create(
         "small_cnn", 10, in_channels=1, image_size=8, mean=data.mean, std=data.std, width=16
     )
-    loader = DeviceLoader(data.train, 64, device="cpu", shuffle=True)
-    epochs = 6
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    loader = DeviceLoader(data.train, 128, device="cpu", shuffle=True)
+    epochs = 8
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=0.1, total_steps=epochs * len(loader), pct_start=0.25
+        optimizer, max_lr=0.2, total_steps=epochs * len(loader), pct_start=0.25
     )
     for epoch in range(epochs):
         for images, labels in loader.epoch(epoch):

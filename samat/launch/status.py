@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from samat.config import ConfigError
 from samat.launch.scheduler import JobInfo, is_slurm_id, job_states
@@ -112,9 +113,9 @@ def status_table(rows: list[RunStatus], title: str) -> Table:
     if notes:
         table.add_column("note", overflow="fold")
     for row in rows:
-        cells = [row.run_id, row.label, row.seed, f"[{STATE_STYLES[row.state]}]{row.state}[/]",
+        cells = [row.run_id, Text(row.label), row.seed, Text(row.state, STATE_STYLES[row.state]),
                  str(row.attempts), str(row.requeues), row.job_id, row.elapsed]
-        table.add_row(*cells, *([row.note] if notes else []))
+        table.add_row(*cells, *([Text(row.note)] if notes else []))
     return table
 
 
@@ -123,6 +124,11 @@ def summary(rows: list[RunStatus]) -> str:
     counts = {state: sum(row.state == state for row in rows) for state in STATE_STYLES}
     parts = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
     return f"{plural(len(rows), 'run')}: {parts}"
+
+
+def say(console: Console, text: str) -> None:
+    """Print a line as it is: no markup, no colouring, no wrapping inside paths."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def plural(count: int, noun: str) -> str:
@@ -136,19 +142,25 @@ def show_status(path: Path, *, console: Console) -> int:
         raise ConfigError(f"{path}: no run directories here; check the path or submit the grid")
     rows = run_statuses(runs)
     console.print(status_table(rows, f"{path}"))
-    console.print(summary(rows))
+    say(console, summary(rows))
     return 0
 
 
 def follow(runs: list[RunDir], *, console: Console, interval: float = FOLLOW_INTERVAL_S) -> int:
     """Refresh a live status table until every run has ended; 0 when all are done, else 1."""
     rows = run_statuses(runs)
-    with Live(status_table(rows, "following"), console=console, auto_refresh=False) as live:
+    title = "following (Ctrl-C stops following, not the runs)"
+    # a terminal watches the table change; a log file gets the final table once
+    terminal = console.is_terminal
+    with Live(status_table(rows, title), console=console, auto_refresh=False,
+              transient=not terminal) as live:
         while not all(row.ended for row in rows):
             time.sleep(interval)
             rows = run_statuses(runs)
-            live.update(status_table(rows, "following"), refresh=True)
-    console.print(summary(rows))
+            live.update(status_table(rows, title), refresh=True)
+    if not terminal:
+        console.print(status_table(rows, title))
+    say(console, summary(rows))
     return 0 if all(row.state == "done" for row in rows) else 1
 
 

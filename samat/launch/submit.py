@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from submitit import LocalExecutor, SlurmExecutor
 from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
@@ -20,7 +21,7 @@ from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig
 from samat.grid import RunSpec, expand
 from samat.launch import scheduler
-from samat.launch.status import follow, plural, result_line
+from samat.launch.status import follow, plural, result_line, say
 from samat.launch.task import RunTask
 from samat.store import RunDir, prepare
 
@@ -151,12 +152,12 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
     commands = container_commands(grid.container, specs)
     actions = select_runs(specs, force=force)
     todo = [spec for spec in specs if actions[spec.run_id] == "submit"]
-    console.print(_executor_line(executor, kind))
+    say(console, _executor_line(executor, kind))
     if dry_run:
         _print_dry_run(grid, specs, actions, kind, output, console)
         return 0
     if not todo:
-        console.print(f"nothing to submit: {_count_line(actions)}; results in {output}")
+        say(console, f"nothing to submit: {_count_line(actions)}; results in {output}")
         return 0
     for spec in specs:
         run = prepare(spec)
@@ -164,11 +165,11 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
             run.update_state(state="pending", error=None)
     tasks = [RunTask(spec.run_dir, commands.get(spec.run_id)) for spec in todo]
     if kind == "local":
-        console.print(_count_line(actions))
+        say(console, _count_line(actions))
         return _run_local(grid, todo, tasks, output, console)
     _submit_slurm(grid, todo, tasks, output, console)
-    console.print(_count_line(actions))
-    console.print(f"results: {output / 'runs'} (samat status {output}; samat collect {output})")
+    say(console, _count_line(actions))
+    say(console, f"results: {output / 'runs'} (samat status {output}; samat collect {output})")
     if not wait:
         return 0
     return follow([RunDir(spec.run_dir) for spec in todo], console=console)
@@ -209,7 +210,7 @@ def _submit_slurm(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], 
         array_id = jobs[0].job_id.split("_")[0]
         shape = (f"array 0-{len(jobs) - 1}, at most {grid.slurm.array_parallelism} at a time"
                  if len(jobs) > 1 else "one task")
-        console.print(f"submitted SLURM job {array_id} ({shape})")
+        say(console, f"submitted SLURM job {array_id} ({shape})")
 
 
 def _run_local(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path,
@@ -230,8 +231,8 @@ def _run_local(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], out
             raise
         run = RunDir(spec.run_dir)
         failed += not run.is_complete()
-        console.print(f"[{index}/{len(specs)}] {result_line(run, spec.label)}")
-    console.print(f"{len(specs) - failed} of {plural(len(specs), 'run')} done; results in {output}")
+        say(console, f"[{index}/{len(specs)}] {result_line(run, spec.label)}")
+    say(console, f"{len(specs) - failed} of {plural(len(specs), 'run')} done; results in {output}")
     return 1 if failed else 0
 
 
@@ -252,14 +253,12 @@ def _print_dry_run(grid: GridConfig, specs: list[RunSpec], actions: dict[str, st
         chunks = array_chunks(todo, scheduler.max_array_size()) if todo else []
         for number, chunk in enumerate(chunks, start=1):
             runs = plural(len(chunk), "run")
-            console.print(f"# sbatch script {number} of {len(chunks)} ({runs}):",
-                          markup=False, highlight=False)
-            console.print(sbatch_script(params, submitit_folder(output), len(chunk)),
-                          markup=False, highlight=False, soft_wrap=True)
+            say(console, f"# sbatch script {number} of {len(chunks)} ({runs}):")
+            say(console, sbatch_script(params, submitit_folder(output), len(chunk)))
     table = Table(title=f"{plural(len(specs), 'run')} -> {output / 'runs'}")
     for column in ("run id", "label", "seed", "action"):
         table.add_column(column)
     for spec in specs:
-        table.add_row(spec.run_id, spec.label, str(spec.config.seed), actions[spec.run_id])
+        table.add_row(spec.run_id, Text(spec.label), str(spec.config.seed), actions[spec.run_id])
     console.print(table)
-    console.print(f"dry run ({kind}): {_count_line(actions)}; nothing submitted")
+    say(console, f"dry run ({kind}): {_count_line(actions)}; nothing submitted")

