@@ -38,8 +38,11 @@ RUN --mount=type=secret,id=pip_cert \
     pip install --no-cache-dir .
 
 COPY . .
+# samat on the default PATH too, for runtimes that ignore the image's ENV (e.g. Apptainer running
+# this image's root file system as a sandbox)
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build samat.egg-info \
+    && ln -s /opt/venv/bin/samat /usr/local/bin/samat \
     && useradd --no-log-init --create-home --uid 10001 --user-group samat
 
 # numeric, so that runtimes need no passwd lookup; `run --user` overrides it

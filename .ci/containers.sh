@@ -5,7 +5,8 @@
 # system that .ci/container-apptainer runs through bubblewrap (apptainer is not installable on
 # bookworm). Run as root; idempotent (steps whose result exists are skipped); prints step timings.
 # Settings: SAMAT_CI_DIR (state directory, default /var/lib/samat-ci), SAMAT_CI_IMAGE (default
-# localhost/samat:ci), SAMAT_CI_APPTAINER=0 (skip the Apptainer step).
+# localhost/samat:ci), SAMAT_CI_APPTAINER=0 (no Apptainer), SAMAT_CI_APPTAINER_BUILD=1 (also
+# prepare the slow test that builds Apptainer.def).
 # Writes $SAMAT_CI_DIR/env, to be sourced before the tests (CONTAINERS_CONF and friends).
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "containers.sh: run as root (it installs packages)" >&2; exit 2; }
@@ -94,6 +95,15 @@ secret=()
 [ -s /etc/ssl/certs/ca-certificates.crt ] && secret=(--secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt)
 
 # --- the samat image ---------------------------------------------------------------------------
+ROOTFS=$STATE/work/samat-ci.rootfs
+# The image's root file system, shown read-only to Apptainer as a sandbox (below); let go of the
+# old one first, so that prune can remove a replaced image.
+release_rootfs() {
+  if mountpoint -q "$ROOTFS"; then umount "$ROOTFS"; fi
+  if [ -s "$STATE/rootfs.id" ]; then podman image unmount "$(cat "$STATE/rootfs.id")" >/dev/null 2>&1 || true; fi
+  rm -f "$STATE/rootfs.id"
+}
+release_rootfs
 # Layer caching keeps this fast when only samat's code changed (the dependency layer is reused).
 step "building $IMAGE (log: $STATE/build.log)"
 if ! podman build --isolation=chroot --network=host --build-arg BASE_IMAGE="$BASE" \
@@ -102,9 +112,13 @@ if ! podman build --isolation=chroot --network=host --build-arg BASE_IMAGE="$BAS
   exit 1
 fi
 podman image prune -f >/dev/null
+ID=$(podman image inspect --format '{{.Id}}' "$IMAGE")
 step "image $IMAGE ready: $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=si)B"
 
 # --- Apptainer ---------------------------------------------------------------------------------
+# By default Apptainer runs the image's root file system as a sandbox (no copy of its 6 GB).
+# Building Apptainer.def itself needs the image as a docker-archive and a full unpack (~8 min
+# here): opt in with SAMAT_CI_APPTAINER_BUILD=1; test_container.py then builds it.
 apptainer_ready=0
 if [ "${SAMAT_CI_APPTAINER:-1}" != 0 ]; then
   SID=$STATE/sid
@@ -118,18 +132,20 @@ if [ "${SAMAT_CI_APPTAINER:-1}" != 0 ]; then
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq apptainer >/dev/null && apt-get clean' \
       >>"$STATE/debootstrap-sid.log" 2>&1 || { tail -n 20 "$STATE/debootstrap-sid.log" >&2; exit 1; }
   fi
-  # Apptainer builds from the image saved as a docker-archive; re-saved only when the image changed.
-  id=$(podman image inspect --format '{{.Id}}' "$IMAGE")
-  if [ "$(cat "$STATE/work/samat-ci.id" 2>/dev/null)" != "$id" ]; then
-    step "saving $IMAGE as a docker-archive for Apptainer"
+  mkdir -p "$SID$STATE/work"  # the mount point of the work directory (.ci/container-apptainer)
+  mkdir -p "$ROOTFS"
+  mount --bind "$(podman image mount "$IMAGE")" "$ROOTFS"
+  mount -o remount,bind,ro "$ROOTFS"
+  echo "$ID" > "$STATE/rootfs.id"
+  if [ "${SAMAT_CI_APPTAINER_BUILD:-0}" = 1 ] && [ "$(cat "$STATE/work/samat-ci.id" 2>/dev/null)" != "$ID" ]; then
+    step "saving $IMAGE as a docker-archive for Apptainer.def"
     rm -f "$STATE/work/samat-ci.tar"
-    podman save --format docker-archive -o "$STATE/work/samat-ci.tar" "$IMAGE"
+    podman save --quiet --format docker-archive -o "$STATE/work/samat-ci.tar" "$IMAGE"
     chmod 644 "$STATE/work/samat-ci.tar"
-    echo "$id" > "$STATE/work/samat-ci.id"
+    echo "$ID" > "$STATE/work/samat-ci.id"
   fi
-  "$REPO/.ci/container-apptainer" --version >/dev/null
   apptainer_ready=1
-  step "apptainer ready: $("$REPO/.ci/container-apptainer" --version)"
+  step "$("$REPO/.ci/container-apptainer" --version) ready; the image as a sandbox: $ROOTFS"
 fi
 
 cat > "$STATE/env" <<ENV
@@ -137,5 +153,6 @@ export CONTAINERS_CONF=$STATE/containers.conf
 export SAMAT_CI_DIR=$STATE
 export SAMAT_CI_IMAGE=$IMAGE
 export SAMAT_CI_APPTAINER=$apptainer_ready
+export SAMAT_CI_APPTAINER_BUILD=${SAMAT_CI_APPTAINER_BUILD:-0}
 ENV
 step "done; before the tests: source $STATE/env"

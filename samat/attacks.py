@@ -117,7 +117,9 @@ def standard_autoattack(
     APGD-CE, then APGD-T (targeted DLR), FAB-T and Square, each on the examples still classified
     correctly; 100 iterations, one restart, the top 9 other classes as targets, 5000 queries.
     torchattacks' own AutoAttack differs: 10 iterations, n_classes - 1 targets, FAB with 10 steps,
-    Square with a rescaled schedule, and a clock seed when seed is None.
+    Square with a rescaled schedule, and a clock seed when seed is None. What remains different
+    from the official parts, only under l_2: torchattacks' APGD-T gives the whole batch the first
+    example's step size, and its Square measures window norms over all channels together.
     """
     if num_classes < 4:
         raise ConfigError(

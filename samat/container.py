@@ -93,10 +93,12 @@ def validate(cfg: ContainerConfig) -> list[str]:
         if not Path(host).exists():
             raise ConfigError(f"container.binds: host path {host!r} does not exist; create it or "
                               "fix the bind")
-    for name in cfg.env:
+    for name, value in cfg.env.items():
         if not _ENV_NAME.fullmatch(name):
             raise ConfigError(f"container.env: {name!r} is not a variable name; use letters, "
                               "digits and _")
+        if cfg.runtime == "apptainer":
+            _apptainer_env(name, value)
     image = str(cfg.image)
     if _is_local_image(cfg.runtime, image) and not Path(image).expanduser().exists():
         raise ConfigError(f"container.image {image!r} does not exist; build it (see "
@@ -157,19 +159,26 @@ def _apptainer(cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequen
         command.append("--nv")
     for mount in mounts:
         command += ["--bind", ":".join(mount)]
+    if cfg.env:
+        # --no-eval: values are taken literally, not shell-expanded ($, `, \) inside the container
+        command.append("--no-eval")
     for name, value in cfg.env.items():
         command += ["--env", _apptainer_env(name, value)]
     return [*command, str(cfg.image), *argv]
 
 
 def _apptainer_env(name: str, value: str) -> str:
-    """One --env item that Apptainer turns back into exactly `value`."""
-    # --env is a comma-separated list read as CSV, and Apptainer expands $ and \ in the value
-    # inside double quotes: escape those first, then quote the item as one CSV field.
-    escaped = re.sub(r'([\\$`"])', r"\\\1", value)
-    item = f"{name}={escaped}"
-    if any(c in item for c in ',"\n\r'):
-        item = '"' + item.replace('"', '""') + '"'
+    """One --env item that Apptainer reads back as exactly name=value.
+
+    Apptainer's parser (pflag's string map) takes an item with one '=' as it is, less any '"' at
+    its ends, and splits an item with more at commas, as a CSV record.
+    """
+    item = f"{name}={value}"
+    if "=" in value:
+        return '"' + item.replace('"', '""') + '"'
+    if value.endswith('"'):
+        raise ConfigError(f"container.env.{name}: Apptainer drops a final '\"' from a value "
+                          "without '='; change the value")
     return item
 
 

@@ -163,6 +163,15 @@ def accuracy(model: torch.nn.Module, loader: DeviceLoader) -> float:
     return correct / total
 
 
+def _slurm_job_id() -> dict[str, str]:
+    """The job id as squeue/sacct name it ('12_3' for an array task), when running under SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return {"job_id": f"{array}_{task}"}
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"job_id": job} if job else {}
+
+
 def _progress_bar() -> Progress | None:
     """A live bar on a terminal; None in batch jobs, whose logs get one line per epoch instead."""
     if not sys.stdout.isatty():
@@ -184,7 +193,7 @@ def execute(run_dir: Path) -> dict[str, Any]:
         logger.setLevel(logging.INFO)  # the run's log file always gets the epoch lines
     attempts = run.state()["attempts"] + 1
     run.update_state(state="running", attempts=attempts, error=None, host=socket.gethostname(),
-                     job_id=os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")))
+                     **_slurm_job_id())
     try:
         result = _train_and_evaluate(run, config)
     except BaseException as error:

@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CI_DIR = Path(os.environ.get("SAMAT_CI_DIR", "/var/lib/samat-ci"))
 IMAGE = os.environ.get("SAMAT_CI_IMAGE", "localhost/samat:ci")
 APPTAINER = ROOT / ".ci" / "container-apptainer"
-# Values that break naive quoting: spaces, both quotes, commas, $, backslashes, = and a newline.
-NASTY = {"PLAIN": "1", "QUOTES": "it's \"quoted\"", "COMMA": "a,b,c=d", "DOLLAR": "$HOME ${X} `id`",
-         "SLASH": "back\\slash\\", "LINES": "one\ntwo"}
+# Values that break naive quoting: spaces, both quotes, commas, =, $, backquotes, backslashes and
+# a newline.
+NASTY = {"PLAIN": "1", "QUOTES": "it's \"quoted\" here", "COMMA": "a,b,c=d", "EQ": 'x="1,2"',
+         "DOLLAR": "$HOME ${X} `id`", "SLASH": "back\\slash\\", "LINES": "one\ntwo=2"}
 
 
 def cfg(**fields: object) -> ContainerConfig:
@@ -59,22 +60,32 @@ def test_apptainer_argv() -> None:
         "apptainer", "exec", "--nv",
         "--bind", "/data sets/cifar:/data:ro", "--bind", "/scratch:/scratch",
         "--bind", "/my out:/my out",
-        "--env", "A=1", "--env", "B=x y",
+        "--no-eval", "--env", "A=1", "--env", "B=x y",
         "/images/samat.sif", "samat", "run", "/my out/runs/r1",
     ]
 
 
-def test_apptainer_env_values_are_escaped_for_its_csv_and_shell_parsing() -> None:
+def test_apptainer_env_items_survive_its_parser() -> None:
     config = cfg(runtime="apptainer", image="docker://samat", gpu=False, env=NASTY)
-    items = wrap(config, ["true"])[3:-2:2]
-    assert items == [
+    command = wrap(config, ["true"])
+    assert command[:3] == ["apptainer", "exec", "--no-eval"]  # no $ or ` expansion inside
+    assert command[3:-2:2] == ["--env"] * len(NASTY)
+    assert command[4:-2:2] == [
         "PLAIN=1",
-        '"QUOTES=it\'s \\""quoted\\"""',
+        "QUOTES=it's \"quoted\" here",
         '"COMMA=a,b,c=d"',
-        "DOLLAR=\\$HOME \\${X} \\`id\\`",
-        "SLASH=back\\\\slash\\\\",
-        '"LINES=one\ntwo"',
+        '"EQ=x=""1,2"""',
+        "DOLLAR=$HOME ${X} `id`",
+        "SLASH=back\\slash\\",
+        '"LINES=one\ntwo=2"',
     ]
+
+
+def test_apptainer_cannot_pass_a_final_quote_without_an_equals_sign() -> None:
+    with pytest.raises(ConfigError, match=r"container.env.X: Apptainer drops a final"):
+        wrap(cfg(runtime="apptainer", image="i.sif", env={"X": 'say "hi"'}), ["true"])
+    assert wrap(cfg(runtime="apptainer", image="i.sif", gpu=False, env={"X": 'a="hi"'}),
+                ["true"])[4] == '"X=a=""hi"""'
 
 
 def test_docker_argv(uid: None) -> None:
@@ -306,7 +317,8 @@ def test_a_run_in_the_container_writes_its_result_on_the_host(tmp_path: Path, po
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = run.result()
     assert result is not None and run.state()["state"] == "done"
-    assert set(result["robust"]) == {"FGSM"} and 0.5 < result["natural"] <= 1
+    # one epoch of the demo: well above chance (0.1), far from done
+    assert set(result["robust"]) == {"FGSM"} and 0.2 < result["natural"] <= 1
     assert (run.path / "result.json").stat().st_uid == os.getuid()
 
 

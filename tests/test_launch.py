@@ -126,6 +126,36 @@ def test_dry_run_without_sbatch_prints_the_script(tmp_path: Path, slurm_bin) -> 
     assert "#SBATCH --array=0-3%3" in console.export_text()
 
 
+def test_dry_run_shows_the_container_command(tmp_path: Path, slurm_bin) -> None:
+    image = tmp_path / "samat.sif"
+    image.write_text("")
+    grid = make_grid(tmp_path, seeds=1)
+    grid.container = {"runtime": "apptainer", "image": str(image)}
+    console = recording_console()
+    submit_grid(grid, executor="slurm", dry_run=True, console=console)
+    text = console.export_text()
+    run_dir = expand(grid)[0].run_dir.absolute()
+    assert "warning: container runtime 'apptainer' is not on this node's PATH" in text
+    command = text.split("each task runs its run in the container, e.g. ")[1].splitlines()[0]
+    assert command.startswith("apptainer exec") and str(image) in command
+    assert command.endswith(f"samat run {run_dir}")
+
+
+def test_pyxis_starts_submitit_in_the_image(tmp_path: Path, slurm_bin) -> None:
+    grid = make_grid(tmp_path, seeds=2)
+    grid.container = {"runtime": "pyxis", "image": "nvcr.io#nvidia/pytorch:24.05",
+                      "env": {"A": "1"}}
+    console = recording_console()
+    submit_grid(grid, executor="slurm", dry_run=True, console=console)
+    script = console.export_text()
+    assert "--container-image=nvcr.io#nvidia/pytorch:24.05" in script
+    assert "export A=1" in script.splitlines()
+    assert "/opt/venv/bin/python -u -m submitit.core._submit" in script
+    assert "each task runs" not in script  # the run executes in submitit's own process
+    with pytest.raises(ConfigError, match="'pyxis' runs through SLURM's srun"):
+        submit_grid(grid, executor="local", console=recording_console())
+
+
 # -- validation before anything is submitted ---------------------------------------------------
 
 def test_slurm_executor_without_sbatch_is_a_user_error(tmp_path: Path, slurm_bin) -> None:
@@ -169,6 +199,14 @@ def test_unknown_partition_lists_the_known_ones(tmp_path: Path, slurm_bin) -> No
     assert str(error.value) == (
         "unknown partition 'gpus' (slurm.partition); this cluster has: debug, gpu"
     )
+
+
+def test_missing_container_image_is_a_user_error(tmp_path: Path, slurm_bin) -> None:
+    grid = make_grid(tmp_path)
+    grid.container = {"runtime": "apptainer", "image": str(tmp_path / "missing.sif")}
+    with pytest.raises(ConfigError, match=r"container.image .*missing.sif' does not exist"):
+        submit_grid(grid, executor="local", console=recording_console())
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_sbatch_refusal_is_a_user_error(tmp_path: Path, slurm_bin) -> None:
@@ -347,12 +385,13 @@ def test_time_limit_signal_is_forwarded_to_the_container(tmp_path: Path) -> None
 def test_local_executor_runs_one_after_another(tmp_path: Path, slurm_bin,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     grid = make_grid(tmp_path, seeds=2, timeout_min=2)
-    monkeypatch.setattr("samat.launch.submit.container_commands", lambda container, specs: {
+    monkeypatch.setattr("samat.launch.submit.container_commands", lambda cfg, specs, output: {
         spec.run_id: write_result_command(spec.run_dir) for spec in specs})
     console = recording_console()
     assert submit_grid(grid, executor="auto", console=console) == 0
     lines = console.export_text().splitlines()
-    assert lines[0] == "executor: local (no sbatch on PATH: runs go one at a time here)"
+    assert lines[0] == ("executor: local (no sbatch on PATH: runs go here, one per CPU core "
+                        "(or GPU) at a time)")
     assert [line.split()[0:2] for line in lines if line.startswith("[")] == [
         ["[1/2]", "done"], ["[2/2]", "done"]]
     assert lines[-1] == f"2 of 2 runs done; results in {tmp_path / 'out'}"
@@ -369,4 +408,4 @@ def test_follow_refreshes_until_every_run_has_ended(tmp_path: Path, slurm_bin) -
     console = recording_console()
     assert follow(runs, console=console, interval=0.05) == 0
     text = console.export_text()
-    assert text.count("following") == 1 and text.splitlines()[-1] == "1 run: 1 done"
+    assert text.count("Ctrl-C") == 1 and text.splitlines()[-1] == "1 run: 1 done"

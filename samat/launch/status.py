@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -32,13 +33,12 @@ class RunStatus:
     job_id: str
     elapsed: str
     note: str
-
-    @property
-    def ended(self) -> bool:
-        return self.state in ("done", "failed", "interrupted")
+    # nothing more will happen to it without a new submission
+    ended: bool
 
 
-def combined_state(run: RunDir, state: dict, jobs: dict[str, JobInfo] | None) -> tuple[str, str]:
+def combined_state(run: RunDir, state: dict[str, Any], jobs: dict[str, JobInfo] | None
+                   ) -> tuple[str, str]:
     """(state, note) of a run from its directory and what the scheduler knows (None: no answer).
 
     The scheduler wins while a task is queued or running (a forced re-run of a finished run is
@@ -80,6 +80,9 @@ def run_statuses(runs: list[RunDir]) -> list[RunStatus]:
             attempts=int(state.get("attempts") or 0), requeues=int(state.get("requeues") or 0),
             job_id=str(state.get("job_id") or "-"),
             elapsed=job.elapsed if job and job.elapsed else _result_elapsed(run), note=note,
+            # without the scheduler's answer only the run directory can say a run is over
+            ended=name not in ("queued", "running") and (
+                jobs is not None or name in ("done", "failed")),
         ))
     return rows
 

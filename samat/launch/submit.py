@@ -18,6 +18,7 @@ from submitit import LocalExecutor, SlurmExecutor
 from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
+from samat import container
 from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig
 from samat.grid import RunSpec, expand
 from samat.launch import scheduler
@@ -61,11 +62,23 @@ def submitit_folder(output: Path) -> Path:
     return Path(output).expanduser().absolute() / "submitit" / "%j"
 
 
-def sbatch_script(params: dict[str, Any], folder: Path, count: int) -> str:
+def executor_settings(grid: GridConfig, output: Path) -> tuple[dict[str, Any], str]:
+    """SlurmExecutor parameters and python for a grid; pyxis starts submitit in the image."""
+    params = slurm_parameters(grid.slurm, grid.name)
+    if grid.container.runtime != "pyxis":
+        return params, shlex.quote(sys.executable)
+    params["srun_args"] = container.srun_args(grid.container, workdirs=[output.absolute()])
+    setup = [*container.env_exports(grid.container), *grid.slurm.setup]
+    if setup:
+        params["setup"] = setup
+    return params, container.IMAGE_PYTHON
+
+
+def sbatch_script(params: dict[str, Any], folder: Path, count: int,
+                  python: str = shlex.quote(sys.executable)) -> str:
     """The sbatch file submitit writes for an array of `count` tasks with these parameters."""
     # the same command line as SlurmExecutor._submitit_command_str
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
-                        shlex.quote(str(folder))])
+    command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=folder,
                                map_count=count if count > 1 else None, **params)
 
@@ -102,34 +115,36 @@ def check_output_dir(output: Path, *, create: bool) -> None:
 
 def check_partition(partition: str | None) -> None:
     """A partition the cluster knows (when sinfo answers); ConfigError listing the known ones."""
-    if partition is None:
+    known = scheduler.partitions() if partition else None
+    if partition is None or known is None:
         return
-    known = scheduler.partitions()
-    unknown = [p for p in partition.split(",") if known is not None and p not in known]
+    unknown = [p for p in partition.split(",") if p not in known]
     if unknown:
         raise ConfigError(f"unknown partition {unknown[0]!r} (slurm.partition); "
-                          f"this cluster has: {', '.join(known or [])}")
+                          f"this cluster has: {', '.join(known)}")
 
 
-def container_commands(container: ContainerConfig, specs: list[RunSpec]) -> dict[str, list[str]]:
-    """Each run's container argv (empty without a container); building them validates the image."""
-    if container.runtime == "none":
+def container_commands(cfg: ContainerConfig, specs: list[RunSpec], output: Path
+                       ) -> dict[str, list[str]]:
+    """Each run's container argv, by run id."""
+    # with pyxis, srun starts submitit's whole process in the image: the run executes in it
+    if cfg.runtime in ("none", "pyxis"):
         return {}
-    from samat.container import task_command
-
-    return {spec.run_id: task_command(container, spec.run_dir) for spec in specs}
+    return {spec.run_id: container.task_command(cfg, spec.run_dir, output_root=output)
+            for spec in specs}
 
 
 def select_runs(specs: list[RunSpec], *, force: bool = False) -> dict[str, str]:
     """What to do with each run (by run id): submit it, or skip it as done / queued / running."""
-    states = {spec.run_id: RunDir(spec.run_dir).state() for spec in specs}
+    runs = {spec.run_id: RunDir(spec.run_dir) for spec in specs}
+    states = {run_id: run.state() for run_id, run in runs.items()}
     jobs = scheduler.job_states(str(s["job_id"]) for s in states.values() if s["job_id"]) or {}
     actions = {}
     for spec in specs:
         job = jobs.get(str(states[spec.run_id]["job_id"]))
         if job is not None and job.active:
             actions[spec.run_id] = "running" if job.state == "RUNNING" else "queued"
-        elif not force and RunDir(spec.run_dir).is_complete():
+        elif not force and runs[spec.run_id].is_complete():
             actions[spec.run_id] = "done"
         else:
             actions[spec.run_id] = "submit"
@@ -149,16 +164,22 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
     check_output_dir(output, create=not dry_run)
     if kind == "slurm":
         check_partition(grid.slurm.partition)
-    commands = container_commands(grid.container, specs)
+    elif grid.container.runtime == "pyxis":
+        raise ConfigError("container.runtime 'pyxis' runs through SLURM's srun; use --executor "
+                          "slurm on the cluster, or runtime apptainer or docker for local runs")
+    for warning in container.validate(grid.container):
+        say(console, f"warning: {warning}")
+    commands = container_commands(grid.container, specs, output)
     actions = select_runs(specs, force=force)
     todo = [spec for spec in specs if actions[spec.run_id] == "submit"]
     say(console, _executor_line(executor, kind))
     if dry_run:
-        _print_dry_run(grid, specs, actions, kind, output, console)
+        _print_dry_run(grid, specs, actions, kind, output, commands, console)
         return 0
     if not todo:
         say(console, f"nothing to submit: {_count_line(actions)}; results in {output}")
-        return 0
+        live = [RunDir(s.run_dir) for s in specs if actions[s.run_id] in ("queued", "running")]
+        return follow(live, console=console) if wait and live else 0
     for spec in specs:
         run = prepare(spec)
         if actions[spec.run_id] == "submit":
@@ -178,7 +199,8 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
 def _executor_line(asked: str, kind: str) -> str:
     if asked != "auto":
         return f"executor: {kind}"
-    why = "sbatch on PATH" if kind == "slurm" else "no sbatch on PATH: runs go one at a time here"
+    why = ("sbatch on PATH" if kind == "slurm"
+           else "no sbatch on PATH: runs go here, one per CPU core (or GPU) at a time")
     return f"executor: {kind} ({why})"
 
 
@@ -193,9 +215,10 @@ def _count_line(actions: dict[str, str]) -> str:
 
 def _submit_slurm(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path,
                   console: Console) -> None:
+    params, python = executor_settings(grid, output)
     executor = SlurmExecutor(folder=submitit_folder(output),
-                             max_num_timeout=grid.slurm.max_num_timeout)
-    executor.update_parameters(**slurm_parameters(grid.slurm, grid.name))
+                             max_num_timeout=grid.slurm.max_num_timeout, python=python)
+    executor.update_parameters(**params)
     size = scheduler.max_array_size()
     for chunk_specs, chunk_tasks in zip(array_chunks(specs, size), array_chunks(tasks, size),
                                         strict=True):
@@ -220,20 +243,41 @@ def _run_local(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], out
     executor.update_parameters(timeout_min=grid.slurm.timeout_min,
                                signal_delay_s=grid.slurm.signal_delay_s,
                                **_local_gpus(grid.slurm.gpus_per_node))
-    failed = 0
-    for index, (spec, task) in enumerate(zip(specs, tasks, strict=True), start=1):
-        job = executor.submit(task)
-        try:
-            while not job.done():
-                time.sleep(0.5)
-        except KeyboardInterrupt:
+    parallel, threads = local_slots(len(specs))
+    # the tasks inherit this process's environment: small CPU runs go fastest one thread each
+    os.environ.setdefault("SAMAT_NUM_THREADS", str(threads))
+    pending = list(zip(specs, tasks, strict=True))
+    running: list[tuple[RunSpec, Any]] = []
+    failed = finished = 0
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                spec, task = pending.pop(0)
+                running.append((spec, executor.submit(task)))
+            time.sleep(0.5)
+            for spec, job in [entry for entry in running if entry[1].done()]:
+                running.remove((spec, job))
+                finished += 1
+                run = RunDir(spec.run_dir)
+                failed += not run.is_complete()
+                say(console, f"[{finished}/{len(specs)}] {result_line(run, spec.label)}")
+    except KeyboardInterrupt:
+        for _, job in running:
             job.cancel()
-            raise
-        run = RunDir(spec.run_dir)
-        failed += not run.is_complete()
-        say(console, f"[{index}/{len(specs)}] {result_line(run, spec.label)}")
+        raise
     say(console, f"{len(specs) - failed} of {plural(len(specs), 'run')} done; results in {output}")
     return 1 if failed else 0
+
+
+def local_slots(runs: int) -> tuple[int, int]:
+    """(runs at a time, threads per run) for local runs: one per GPU, else one per CPU core."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1, 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parallel = max(1, min(runs, cores or 1))
+    return parallel, max(1, (cores or 1) // parallel)
 
 
 def _local_gpus(wanted: int) -> dict[str, Any]:
@@ -246,15 +290,18 @@ def _local_gpus(wanted: int) -> dict[str, Any]:
 
 
 def _print_dry_run(grid: GridConfig, specs: list[RunSpec], actions: dict[str, str], kind: str,
-                   output: Path, console: Console) -> None:
+                   output: Path, commands: dict[str, list[str]], console: Console) -> None:
     todo = [spec for spec in specs if actions[spec.run_id] == "submit"]
     if kind == "slurm":
-        params = slurm_parameters(grid.slurm, grid.name)
+        params, python = executor_settings(grid, output)
         chunks = array_chunks(todo, scheduler.max_array_size()) if todo else []
         for number, chunk in enumerate(chunks, start=1):
             runs = plural(len(chunk), "run")
             say(console, f"# sbatch script {number} of {len(chunks)} ({runs}):")
-            say(console, sbatch_script(params, submitit_folder(output), len(chunk)))
+            say(console, sbatch_script(params, submitit_folder(output), len(chunk), python))
+    if todo and todo[0].run_id in commands:
+        say(console, f"each task runs its run in the container, e.g. "
+                     f"{shlex.join(commands[todo[0].run_id])}")
     table = Table(title=f"{plural(len(specs), 'run')} -> {output / 'runs'}")
     for column in ("run id", "label", "seed", "action"):
         table.add_column(column)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import subprocess
 import types
@@ -42,11 +41,6 @@ class RunTask(Checkpointable):
         if self.container is None:
             from samat.train import execute
 
-            # submitit's process has no CLI to set a level: without one, INFO lines never reach
-            # the run's log file
-            logger = logging.getLogger("samat")
-            if logger.level == logging.NOTSET:
-                logger.setLevel(logging.INFO)
             return execute(self.run_dir)
         return self._run_container(run, self.container)
 
