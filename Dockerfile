@@ -29,9 +29,10 @@ RUN python3 -m venv --system-site-packages /opt/venv
 
 WORKDIR /opt/samat
 
-# Dependencies first, from the project metadata alone, so that a code change rebuilds only the
-# small layer below. pip_cert: an optional build secret with the CA of a TLS-intercepting proxy.
-COPY pyproject.toml README.m[d] ./
+# Dependencies first, from the project metadata alone (not even the README), so that a change
+# elsewhere rebuilds only the small layer below. pip_cert: an optional build secret with the CA
+# of a TLS-intercepting proxy.
+COPY pyproject.toml ./
 COPY samat/__init__.py samat/
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \

@@ -10,7 +10,7 @@ import torch
 import torchattacks
 from torch import nn
 
-from samat.config import AttackSpec, ConfigError
+from samat.config import AttackSpec, ConfigError, format_budget
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -65,14 +65,6 @@ def resolve(entries: Sequence[AttackSpec | str]) -> list[AttackSpec]:
             )
         seen.add(name)
     return specs
-
-
-def format_budget(eps: float) -> str:
-    """'8/255' when eps is a whole number of 255ths below 1, else a short decimal ('0.5')."""
-    units = eps * 255
-    if 0 < eps < 1 and abs(units - round(units)) < 1e-6:
-        return f"{round(units)}/255"
-    return f"{eps:.4g}"
 
 
 def label(spec: AttackSpec) -> str:

@@ -25,6 +25,14 @@ def parse_budget(value: Any) -> Any:
     return value
 
 
+def format_budget(eps: float) -> str:
+    """'8/255' when eps is a whole number of 255ths below 1, else a short decimal ('0.5')."""
+    units = eps * 255
+    if 0 < eps < 1 and abs(units - round(units)) < 1e-6:
+        return f"{round(units)}/255"
+    return f"{eps:.4g}"
+
+
 Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0)]
 PositiveBudget = Annotated[float, BeforeValidator(parse_budget), Field(gt=0)]
 Norm = Literal["linf", "l2"]

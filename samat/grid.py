@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samat.config import ConfigError, GridConfig, RunConfig, parse_budget, validate_run
+from samat.config import (
+    ConfigError,
+    GridConfig,
+    RunConfig,
+    format_budget,
+    parse_budget,
+    validate_run,
+)
 
 
 @dataclass(frozen=True)
@@ -76,14 +83,6 @@ def method_label(config: RunConfig) -> str:
         return f"{method.name.upper()} rho={method.rho:g}{suffix}"
     kind = "PGD-AT" if method.name == "pgd_at" else "FGSM-AT"
     return f"{kind} {method.norm} eps={format_budget(method.eps)}{suffix}"
-
-
-def format_budget(value: float) -> str:
-    """8/255 for multiples of 1/255, else a short float."""
-    scaled = value * 255
-    if abs(scaled - round(scaled)) < 1e-6 and round(scaled) > 0:
-        return f"{round(scaled)}/255"
-    return f"{value:g}"
 
 
 def _label(config: RunConfig, assignment: dict[str, Any]) -> str:

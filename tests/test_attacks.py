@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from samat import attacks
-from samat.attacks import PRESETS, build, evaluate, format_budget, label, resolve
+from samat.attacks import PRESETS, build, evaluate, label, resolve
 from samat.config import AttackSpec, ConfigError
 
 N_CLASSES = 10
@@ -111,12 +111,6 @@ def test_duplicate_labels_are_an_error_unless_relabelled():
 )
 def test_label(fields, expected):
     assert label(AttackSpec(**fields)) == expected
-
-
-def test_format_budget():
-    assert [format_budget(e) for e in (8 / 255, 128 / 255, 0.1, 0.0, 1.0, 2.5)] == [
-        "8/255", "128/255", "0.1", "0", "1", "2.5",
-    ]
 
 
 @pytest.mark.parametrize(

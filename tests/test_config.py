@@ -6,6 +6,7 @@ from samat.config import (
     ConfigError,
     GridConfig,
     RunConfig,
+    format_budget,
     load_grid,
     load_run,
     parse_budget,
@@ -81,3 +82,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_run(bad)
+
+
+def test_format_budget():
+    assert [format_budget(e) for e in (8 / 255, 128 / 255, 0.1, 0.0, 1.0, 2.5)] == [
+        "8/255", "128/255", "0.1", "0", "1", "2.5",
+    ]

@@ -1,7 +1,7 @@
 import pytest
 
 from samat.config import ConfigError, GridConfig, validate_run
-from samat.grid import expand, format_budget, group_id, run_id
+from samat.grid import expand, group_id, run_id
 
 
 def grid(**fields):
@@ -76,8 +76,3 @@ def test_invalid_variant_is_reported_before_anything():
 def test_empty_grid_is_an_error():
     with pytest.raises(ConfigError, match="no runs"):
         expand(grid(seeds=[]))
-
-
-@pytest.mark.parametrize(("value", "text"), [(8 / 255, "8/255"), (0.1, "0.1"), (1.0, "255/255")])
-def test_format_budget(value, text):
-    assert format_budget(value) == text
