@@ -169,7 +169,9 @@ def collect(path: Path, fmt: str, per_run: bool, out: Path | None, plot_file: Pa
             out.write_text(rendered)
         console.print(f"wrote {out}")
     elif isinstance(rendered, Table):
-        console.print(rendered)
+        # a pipe or a SLURM log gets rich's 80 columns by default: too narrow for the papers' tables
+        wide = console if console.is_terminal else Console(width=max(console.width, 160))
+        wide.print(rendered)
     else:
         click.echo(rendered, nl=False)
     if plot_file is not None:

@@ -77,12 +77,17 @@ def load_records(root: Path) -> list[RunRecord]:
     return records
 
 
+# Rows in the papers' order: standard training, SAM variants, then adversarial training.
+METHOD_ORDER = {"standard": 0, "sam": 1, "asam": 2, "fgsm_at": 3, "pgd_at": 4}
+
+
 def group_rows(records: list[RunRecord]) -> list[Row]:
-    """One row per config without its seed, in first-seen order."""
+    """One row per config without its seed, ordered by method, then label."""
     rows: dict[str, Row] = {}
     for record in records:
         rows.setdefault(record.group, Row(record.label)).runs.append(record)
-    return list(rows.values())
+    return sorted(rows.values(), key=lambda row: (
+        METHOD_ORDER.get(row.runs[0].config["method"]["name"], 9), row.label))
 
 
 def columns(records: list[RunRecord]) -> list[str]:
@@ -121,11 +126,9 @@ def rich_table(rows: list[Row], cols: list[str], title: str) -> Table:
     table.add_column("Method", style="bold")
     for column in cols:
         table.add_column(column, justify="right")
-    table.add_column("Seeds", justify="right")
     table.add_column("Runs")
     for row in rows:
-        done = len(row.values(NATURAL))
-        table.add_row(row.label, *(_cell(row, c) for c in cols), str(done), _status(row))
+        table.add_row(row.label, *(_cell(row, c) for c in cols), _status(row))
     return table
 
 

@@ -47,7 +47,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    """Atomic JSON; key order kept (result.json lists attacks in the grid's order)."""
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def read_json(path: Path) -> Any | None:
