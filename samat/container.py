@@ -7,6 +7,7 @@ whole submitit process inside the image (see `srun_args`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -26,11 +27,12 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LIST_RUNTIMES = ("apptainer", "pyxis")
 
 
-def wrap(cfg: ContainerConfig, argv: Sequence[str], *, workdirs: Sequence[Path] = ()) -> list[str]:
+def wrap(cfg: ContainerConfig, argv: Sequence[str], *, workdirs: Sequence[Path] = (),
+         name: str | None = None) -> list[str]:
     """The argv that runs `argv` in cfg's container; each workdir is bound at its own path.
 
     Runtime none, and pyxis (where the calling process already runs in the container), return
-    argv unchanged.
+    argv unchanged. `name` names a docker/podman container (podman replaces one left over).
     """
     if cfg.runtime in ("none", "pyxis"):
         return list(argv)
@@ -39,7 +41,7 @@ def wrap(cfg: ContainerConfig, argv: Sequence[str], *, workdirs: Sequence[Path] 
     mounts = _mounts(cfg, workdirs)
     if cfg.runtime == "apptainer":
         return _apptainer(cfg, mounts, argv)
-    return _docker(cfg, mounts, argv)
+    return _docker(cfg, mounts, argv, name)
 
 
 def task_command(cfg: ContainerConfig, run_dir: Path, *, output_root: Path | None = None
@@ -51,7 +53,27 @@ def task_command(cfg: ContainerConfig, run_dir: Path, *, output_root: Path | Non
     """
     run_dir = _absolute(run_dir)
     root = _absolute(output_root) if output_root is not None else run_dir.parent.parent
-    return wrap(cfg, ["samat", "run", str(run_dir)], workdirs=[root])
+    return wrap(cfg, ["samat", "run", str(run_dir)], workdirs=[root],
+                name=container_name(run_dir))
+
+
+def container_name(run_dir: Path) -> str:
+    """The docker/podman container name of a run: its run id and a hash of its directory."""
+    run_dir = _absolute(run_dir)
+    return f"samat-{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
+
+
+def stop_command(cfg: ContainerConfig, run_dir: Path) -> list[str]:
+    """The argv that stops a run's docker/podman container (empty for the other runtimes).
+
+    Docker's and podman's containers live under their daemon or conmon, outside the SLURM job:
+    when SLURM signals every process of a job at once (scancel, preemption), the client's own
+    signal forwarding can fail and leave the container running. Apptainer's container is a plain
+    child process and goes with the job.
+    """
+    if cfg.runtime != "docker":
+        return []
+    return [cfg.executable or "docker", "kill", "--signal", "TERM", container_name(run_dir)]
 
 
 def srun_args(cfg: ContainerConfig, *, workdirs: Sequence[Path] = ()) -> list[str]:
@@ -66,7 +88,7 @@ def srun_args(cfg: ContainerConfig, *, workdirs: Sequence[Path] = ()) -> list[st
     """
     if cfg.runtime != "pyxis":
         raise ValueError(f"srun_args() is for runtime 'pyxis', not {cfg.runtime!r}")
-    args = [f"--container-image={cfg.image}"]
+    args = [f"--container-image={_image(cfg)}"]
     mounts = _mounts(cfg, workdirs)
     if mounts:
         args.append("--container-mounts=" + ",".join(":".join(m) for m in mounts))
@@ -164,7 +186,13 @@ def _apptainer(cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequen
         command.append("--no-eval")
     for name, value in cfg.env.items():
         command += ["--env", _apptainer_env(name, value)]
-    return [*command, str(cfg.image), *argv]
+    return [*command, _image(cfg), *argv]
+
+
+def _image(cfg: ContainerConfig) -> str:
+    """The image, with a local file's path made absolute (tasks may start elsewhere)."""
+    image = str(cfg.image)
+    return str(_absolute(image)) if _is_local_image(cfg.runtime, image) else image
 
 
 def _apptainer_env(name: str, value: str) -> str:
@@ -182,12 +210,16 @@ def _apptainer_env(name: str, value: str) -> str:
     return item
 
 
-def _docker(cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequence[str]
-            ) -> list[str]:
+def _docker(cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequence[str],
+            name: str | None) -> list[str]:
     executable = cfg.executable or "docker"
     # --init: an init process as PID 1 passes on SIGTERM (PID 1 itself would ignore it), so a
     # forwarded time-limit signal stops the run; --rm: one container per attempt, none left over
     command = [executable, "run", "--rm", "--init", *_docker_user(executable)]
+    if name is not None:
+        # a container that outlived its job must not train on beside the requeued attempt:
+        # podman replaces it, docker refuses to start a second one
+        command += ["--name", name, *(["--replace"] if _is_podman(executable) else [])]
     if cfg.gpu:
         # podman reaches GPUs through CDI (nvidia-ctk cdi generate), docker through --gpus; the
         # bare --env passes the job's CUDA_VISIBLE_DEVICES as the client sees it at start

@@ -23,7 +23,15 @@ import yaml
 
 from samat import __version__
 from samat.config import ConfigError, ContainerConfig, load_grid, validate_run
-from samat.container import env_exports, srun_args, task_command, validate, wrap
+from samat.container import (
+    container_name,
+    env_exports,
+    srun_args,
+    stop_command,
+    task_command,
+    validate,
+    wrap,
+)
 from samat.grid import RunSpec, expand, method_label, run_id
 from samat.store import RunDir, prepare
 
@@ -120,14 +128,28 @@ def test_task_command_binds_the_output_directory_at_its_own_path(
     monkeypatch.chdir(tmp_path)
     config = cfg(runtime="apptainer", image="samat.sif", gpu=False)
     # relative paths become absolute, as the container's working directory differs
-    expected = ["apptainer", "exec", "--bind", f"{tmp_path}/out:{tmp_path}/out", "samat.sif",
-                "samat", "run", f"{tmp_path}/out/runs/abc"]
+    expected = ["apptainer", "exec", "--bind", f"{tmp_path}/out:{tmp_path}/out",
+                f"{tmp_path}/samat.sif", "samat", "run", f"{tmp_path}/out/runs/abc"]
     assert task_command(config, Path("out/runs/abc")) == expected
     assert task_command(config, Path("out/runs/abc"), output_root=Path("out")) == expected
     docker = task_command(cfg(runtime="docker", image="i", gpu=False), Path("/o/runs/abc"),
                           output_root=Path("/o"))
-    assert docker == ["docker", "run", "--rm", "--init", "--user", "1234:99", "--volume", "/o:/o",
+    assert docker == ["docker", "run", "--rm", "--init", "--user", "1234:99",
+                      "--name", container_name(Path("/o/runs/abc")), "--volume", "/o:/o",
                       "--entrypoint", "samat", "i", "run", "/o/runs/abc"]
+
+
+def test_each_run_directory_has_its_own_container_name_and_stop_command(uid: None) -> None:
+    name = container_name(Path("/o/runs/abc"))
+    assert re.fullmatch(r"samat-abc-[0-9a-f]{8}", name)
+    # the same run id in another grid's output is another container
+    assert container_name(Path("/p/runs/abc")) != name
+    podman = cfg(runtime="docker", executable="podman", image="i", gpu=False)
+    command = task_command(podman, Path("/o/runs/abc"))
+    assert command[command.index("--name"):][:3] == ["--name", name, "--replace"]
+    assert stop_command(podman, Path("/o/runs/abc")) == [
+        "podman", "kill", "--signal", "TERM", name]
+    assert stop_command(cfg(runtime="apptainer", image="x.sif"), Path("/o/runs/abc")) == []
 
 
 @pytest.mark.parametrize(("bind", "message"), [
@@ -172,8 +194,7 @@ def test_validate_missing_apptainer_image_names_the_fix(tmp_path: Path) -> None:
     image = tmp_path / "samat.sif"
     image.write_bytes(b"")
     for ok in (str(image), "docker://pytorch/pytorch", "oras://ghcr.io/x/y:1", "library://a/b/c"):
-        assert isinstance(validate(cfg(runtime="apptainer", image=ok, executable=sys.executable)),
-                          list)
+        assert validate(cfg(runtime="apptainer", image=ok, executable=sys.executable)) == []
 
 
 def test_validate_binds_and_env_names(tmp_path: Path) -> None:
@@ -200,7 +221,8 @@ def test_validate_warns_only_about_a_missing_runtime(tmp_path: Path) -> None:
 def test_validate_pyxis_squashfs_files_but_not_registry_images(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         validate(cfg(runtime="pyxis", image=str(tmp_path / "samat.sqsh")))
-    assert isinstance(validate(cfg(runtime="pyxis", image="nvcr.io#nvidia/pytorch:24.05")), list)
+    registry = cfg(runtime="pyxis", image="nvcr.io#nvidia/pytorch:24.05", executable=sys.executable)
+    assert validate(registry) == []
 
 
 # -- Dockerfile and Apptainer.def ---------------------------------------------------------------
@@ -350,8 +372,10 @@ def apptainer_rootfs() -> Path:
 @pytest.fixture
 def apptainer_work() -> Iterator[Path]:
     """A directory that Apptainer (user nobody in CI) can see and write."""
+    if not (CI_DIR / "work").is_dir():
+        unavailable(f"no directory {CI_DIR}/work for Apptainer")
     work = CI_DIR / "work" / f"test-{os.getpid()}-{time.monotonic_ns()}"
-    work.mkdir(mode=0o777, parents=True)
+    work.mkdir(mode=0o777)
     work.chmod(0o777)
     yield work
     shutil.rmtree(work, ignore_errors=True)
@@ -393,12 +417,17 @@ def test_a_run_in_apptainer_writes_its_result_on_the_host(apptainer_rootfs: Path
     assert run.result() is not None and run.state()["state"] == "done"
 
 
-@pytest.mark.container
-@pytest.mark.slow
-def test_apptainer_def_builds_on_the_image(apptainer_rootfs: Path, apptainer_work: Path) -> None:
+@pytest.fixture
+def apptainer_build_opted_in() -> None:
     if os.environ.get("SAMAT_CI_APPTAINER_BUILD") != "1":
         pytest.skip("opt-in, ~8 min here: SAMAT_CI_APPTAINER_BUILD=1 .ci/containers.sh saves the "
                     "image for it, then run with SAMAT_CI_APPTAINER_BUILD=1")
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_apptainer_def_builds_on_the_image(apptainer_build_opted_in: None, apptainer_rootfs: Path,
+                                           apptainer_work: Path) -> None:
     archive = CI_DIR / "work" / "samat-ci.tar"
     if not archive.is_file():
         unavailable(f"no docker-archive {archive} of {IMAGE}")
@@ -430,16 +459,18 @@ def test_apptainer_def_builds_on_the_image(apptainer_rootfs: Path, apptainer_wor
 @pytest.mark.container
 @pytest.mark.slow
 def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
+    """A run in podman hits its 1-minute limit, is requeued, and resumes from its checkpoint."""
     if shutil.which("sbatch") is None or subprocess.run(
             ["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0:
         unavailable("no SLURM cluster answers (bash slurm/start-cluster.sh starts one)")
     base = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["base"])
-    # long enough to be cut by the 1-minute limit, short enough to finish in the second attempt
-    base["train"]["epochs"] = 60
-    base["eval"]["attacks"] = [a for a in base["eval"]["attacks"] if a["attack"] == "fgsm"]
+    # far more epochs than fit in a minute, however fast this machine is: the time limit always
+    # cuts the first attempt; the test stops the job once the requeued attempt has trained on
+    base["train"]["epochs"] = 1000
+    base["eval"]["attacks"] = []
     grid = {"name": "requeue", "output": str(tmp_path / "out"), "base": base,
             "slurm": {"timeout_min": 1, "signal_delay_s": 30, "gpus_per_node": 0,
-                      "cpus_per_task": 1, "max_num_timeout": 3},
+                      "cpus_per_task": 1, "max_num_timeout": 5},
             "container": {"runtime": "docker", "executable": podman, "image": IMAGE,
                           "gpu": False}}
     grid_file = tmp_path / "grid.yaml"
@@ -449,10 +480,37 @@ def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = (tmp_path / "out" / "runs").iterdir()
     run = RunDir(run_dir)
-    deadline = time.monotonic() + 420
-    while run.state()["state"] not in ("done", "failed") and time.monotonic() < deadline:
-        time.sleep(5)
-    state = run.state()
-    assert state["state"] == "done", (state, (run_dir / "log").read_text()[-3000:])
-    assert state["requeues"] >= 1 and state["attempts"] >= 2
-    assert run.result() is not None
+    name = container_name(run_dir)
+    try:
+        resumed = wait_for_resumed_training(run_dir / "log", timeout_s=300)
+        state = run.state()
+    finally:
+        job = str(run.state()["job_id"])
+        subprocess.run(["scancel", job], timeout=30)
+        for _ in range(60):
+            if job not in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
+                                         text=True, timeout=30).stdout.split():
+                break
+            time.sleep(1)
+        time.sleep(3)
+        orphan = subprocess.run([podman, "container", "exists", name]).returncode == 0
+        subprocess.run([podman, "rm", "--force", "--ignore", name], capture_output=True,
+                       timeout=60)
+    assert state["requeues"] >= 1 and state["attempts"] >= 2, state
+    assert 0 < resumed < 1000
+    # scancel signals every process of the job at once, and podman's own forwarding fails then
+    assert not orphan, "the run's container outlived the cancelled job (RunTask must run " \
+        "samat.container.stop_command on SIGTERM)"
+
+
+def wait_for_resumed_training(log: Path, timeout_s: float) -> int:
+    """The epoch a requeued attempt resumed from, once it has finished the next epoch."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.exists() else ""
+        resumed = re.search(r"resumed from epoch (\d+)", text)
+        if resumed and f"epoch {int(resumed.group(1)) + 1}/" in text[resumed.end():]:
+            return int(resumed.group(1))
+        time.sleep(2)
+    pytest.fail(f"no resumed training within {timeout_s} s; run log ends:\n{text[-2000:]}")

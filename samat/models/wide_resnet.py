@@ -6,29 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samat.models.preact_resnet import PreActBlock
 from samat.models.registry import register
-
-
-class WideBlock(nn.Module):
-    """Pre-activation basic block; when it changes shape, BN-ReLU is shared with a 1x1 shortcut."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-            if stride != 1 or in_planes != planes
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
 
 
 class WideResNet(nn.Module):
@@ -47,7 +26,7 @@ class WideResNet(nn.Module):
         for stage in range(3):
             planes = 16 * widen_factor * 2**stage
             for i in range(per_stage):
-                layers.append(WideBlock(in_planes, planes, 2 if stage > 0 and i == 0 else 1))
+                layers.append(PreActBlock(in_planes, planes, 2 if stage > 0 and i == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)
