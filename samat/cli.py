@@ -17,7 +17,6 @@ from rich.table import Table
 from samat import __version__
 from samat.config import ConfigError, load_grid, load_run
 from samat.grid import RunSpec, expand, method_label, preflight, run_id
-from samat.theory_cli import theory
 
 console = Console()
 EXIT_USER_ERROR = 2
@@ -50,7 +49,21 @@ def _setup_logging(verbose: bool) -> None:
     logger.addHandler(handler)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """`theory` loads scipy: import it only when that command runs, not on every `samat` call."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "theory"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "theory":
+            from samat.theory_cli import theory
+
+            return theory
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="samat")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
@@ -177,5 +190,3 @@ def collect(path: Path, fmt: str, per_run: bool, out: Path | None, plot_file: Pa
     if plot_file is not None:
         console.print(f"wrote {report.plot(path, plot_file, plot_attack)}")
 
-
-cli.add_command(theory)

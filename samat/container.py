@@ -18,8 +18,8 @@ from pathlib import Path
 from samat.config import ConfigError, ContainerConfig
 
 # Images that Apptainer and pyxis fetch themselves: no local file has to exist.
-REMOTE_PREFIXES = ("docker://", "docker-daemon://", "oras://", "library://", "shub://",
-                   "http://", "https://")
+REMOTE_PREFIXES = ("docker://", "docker-daemon:", "oras://", "library://", "shub://", "http://",
+                   "https://")
 # samat's python in the image the repository's Dockerfile builds (pyxis runs submitit with it).
 IMAGE_PYTHON = "/opt/venv/bin/python"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -227,8 +227,8 @@ def _docker(cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequence[
         command += [*gpus, "--env", "CUDA_VISIBLE_DEVICES"]
     for mount in mounts:
         command += ["--volume", ":".join(mount)]
-    for name, value in cfg.env.items():
-        command += ["--env", f"{name}={value}"]
+    for key, value in cfg.env.items():
+        command += ["--env", f"{key}={value}"]
     # the image's entrypoint is `samat`; argv names its own program
     return [*command, "--entrypoint", argv[0], str(cfg.image), *argv[1:]]
 
