@@ -117,7 +117,7 @@ step "image $IMAGE ready: $(podman image inspect --format '{{.Size}}' "$IMAGE" |
 
 # --- Apptainer ---------------------------------------------------------------------------------
 # By default Apptainer runs the image's root file system as a sandbox (no copy of its 6 GB).
-# Building Apptainer.def itself needs the image as a docker-archive and a full unpack (~8 min
+# Building Apptainer.def itself needs the image as a docker-archive and a full unpack (~6 min
 # here): opt in with SAMAT_CI_APPTAINER_BUILD=1; test_container.py then builds it.
 apptainer_ready=0
 if [ "${SAMAT_CI_APPTAINER:-1}" != 0 ]; then

@@ -420,7 +420,7 @@ def test_a_run_in_apptainer_writes_its_result_on_the_host(apptainer_rootfs: Path
 @pytest.fixture
 def apptainer_build_opted_in() -> None:
     if os.environ.get("SAMAT_CI_APPTAINER_BUILD") != "1":
-        pytest.skip("opt-in, ~8 min here: SAMAT_CI_APPTAINER_BUILD=1 .ci/containers.sh saves the "
+        pytest.skip("opt-in, ~6 min here: SAMAT_CI_APPTAINER_BUILD=1 .ci/containers.sh saves the "
                     "image for it, then run with SAMAT_CI_APPTAINER_BUILD=1")
 
 

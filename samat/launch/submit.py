@@ -184,7 +184,9 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
         run = prepare(spec)
         if actions[spec.run_id] == "submit":
             run.update_state(state="pending", error=None)
-    tasks = [RunTask(spec.run_dir, commands.get(spec.run_id)) for spec in todo]
+    stops = {s.run_id: container.stop_command(grid.container, s.run_dir) for s in todo}
+    tasks = [RunTask(spec.run_dir, commands.get(spec.run_id), stops[spec.run_id] or None)
+             for spec in todo]
     if kind == "local":
         say(console, _count_line(actions))
         return _run_local(grid, todo, tasks, output, console)

@@ -27,9 +27,13 @@ class RunTask(Checkpointable):
     process stays on the host, where `scontrol requeue` works.
     """
 
-    def __init__(self, run_dir: Path, container: list[str] | None = None) -> None:
+    def __init__(self, run_dir: Path, container: list[str] | None = None,
+                 stop: list[str] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.container = container
+        # docker/podman: the container runs under the engine, outside the job's processes, so
+        # `scancel`'s SIGTERM to our child (the client) does not reach it; stop it by name instead
+        self.stop = stop
         # Set by checkpoint(): the next call is a requeued one and is counted in state.json.
         self.requeued = False
 
@@ -56,6 +60,8 @@ class RunTask(Checkpointable):
         def forward(signum: int, frame: types.FrameType | None) -> None:
             if child.poll() is None:
                 child.send_signal(signum)
+            if signum == signal.SIGTERM and self.stop:
+                subprocess.run(self.stop, check=False, timeout=30, capture_output=True)
             if signum == time_limit:
                 try:
                     child.wait(CHILD_GRACE_S)
