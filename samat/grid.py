@@ -86,11 +86,11 @@ def method_label(config: RunConfig) -> str:
 
 
 def _label(config: RunConfig, assignment: dict[str, Any]) -> str:
+    # method and optimizer are already in method_label; the seed is what rows average over
     extras = [
         f"{key}={value}"
         for key, value in assignment.items()
-        if not key.startswith("method.") and key not in ("seed", "train.optimizer.name")
-        and not key.startswith("train.optimizer")
+        if not key.startswith(("method.", "train.optimizer")) and key != "seed"
     ]
     return " ".join([method_label(config), *extras])
 

@@ -109,11 +109,12 @@ def summarize(values: list[float]) -> tuple[float, float] | None:
 
 
 def _cell(row: Row, column: str) -> str:
-    stats = summarize(row.values(column))
+    values = row.values(column)
+    stats = summarize(values)
     if stats is None:
         return "-"
     mean, std = stats
-    return f"{mean:.1f} ± {std:.1f}" if len(row.values(column)) > 1 else f"{mean:.1f}"
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def _status(row: Row) -> str:
