@@ -27,21 +27,38 @@ METHODS = {
 
 
 def images_per_second(method_cfg: dict, args: argparse.Namespace, device: torch.device) -> float:
-    data = DataConfig(name=args.data, image_size=args.image_size, channels=3 if args.data ==
-                      "synthetic" else 1)
+    data = DataConfig(
+        name=args.data, image_size=args.image_size, channels=3 if args.data == "synthetic" else 1
+    )
     dataset = load_dataset(data)
-    config = validate_run({"method": method_cfg, "model": {"name": args.model},
-                           "train": {"amp": args.amp, "channels_last": args.channels_last}})
+    config = validate_run(
+        {
+            "method": method_cfg,
+            "model": {"name": args.model},
+            "train": {"amp": args.amp, "channels_last": args.channels_last},
+        }
+    )
     images = dataset.train.images
-    model = models.create(args.model, dataset.num_classes, in_channels=images.shape[1],
-                          image_size=images.shape[-1], mean=dataset.mean,
-                          std=dataset.std).to(device)
+    model = models.create(
+        args.model,
+        dataset.num_classes,
+        in_channels=images.shape[1],
+        image_size=images.shape[-1],
+        mean=dataset.mean,
+        std=dataset.std,
+    ).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config.train.optimizer, model)
     method = methods.create(config.method, optimizer, amp=args.amp)
-    loader = DeviceLoader(dataset.train, args.batch_size, device=device, shuffle=True,
-                          drop_last=True, channels_last=args.channels_last)
+    loader = DeviceLoader(
+        dataset.train,
+        args.batch_size,
+        device=device,
+        shuffle=True,
+        drop_last=True,
+        channels_last=args.channels_last,
+    )
     model.train()
     batches = [b for _, b in zip(range(args.steps + 3), _cycle(loader), strict=False)]
     for images, labels in batches[:3]:  # warm-up
@@ -78,8 +95,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     speeds = {name: images_per_second(cfg, args, device) for name, cfg in METHODS.items()}
-    print(f"{args.model} on {args.data}, batch {args.batch_size}, {device}, amp={args.amp}, "
-          f"channels_last={args.channels_last}")
+    print(
+        f"{args.model} on {args.data}, batch {args.batch_size}, {device}, amp={args.amp}, "
+        f"channels_last={args.channels_last}"
+    )
     for name, speed in speeds.items():
         print(f"{name:10s} {speed:10.0f} img/s   cost x{speeds['SGD'] / speed:5.2f} of SGD")
 

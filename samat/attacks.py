@@ -30,8 +30,14 @@ GROUPS: dict[str, list[str]] = {
     "paper": ["fgsm_linf_1", "pgd10_linf_1", "pgd10_l2_32", "aa_l2_32", "fab_l2_32", "pixle"],
 }
 
-_DISPLAY = {"fgsm": "FGSM", "pgd": "PGD", "autoattack": "AA", "fab": "FAB", "pixle": "Pixle",
-            "square": "Square"}
+_DISPLAY = {
+    "fgsm": "FGSM",
+    "pgd": "PGD",
+    "autoattack": "AA",
+    "fab": "FAB",
+    "pixle": "Pixle",
+    "square": "Square",
+}
 # `steps` means iterations (PGD, FAB, AutoAttack's gradient attacks), queries (Square) or
 # iterations per restart (Pixle); these are the values when a spec leaves it unset.
 _DEFAULT_STEPS = {"pgd": 10, "fab": 10, "pixle": 5, "square": 5000, "autoattack": 100}
@@ -86,8 +92,13 @@ def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int) ->
     _check(spec)
     if spec.attack == "autoattack":
         return standard_autoattack(
-            model, norm=spec.norm, eps=spec.eps, num_classes=num_classes, seed=seed,
-            steps=_steps(spec), **spec.options,
+            model,
+            norm=spec.norm,
+            eps=spec.eps,
+            num_classes=num_classes,
+            seed=seed,
+            steps=_steps(spec),
+            **spec.options,
         )
     cls = _attack_class(spec)
     arguments = {**spec.options, **_fixed_arguments(spec, num_classes, seed)}
@@ -101,8 +112,14 @@ def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int) ->
 
 
 def standard_autoattack(
-    model: nn.Module, *, norm: str, eps: float, num_classes: int, seed: int,
-    steps: int = 100, n_queries: int = 5000,
+    model: nn.Module,
+    *,
+    norm: str,
+    eps: float,
+    num_classes: int,
+    seed: int,
+    steps: int = 100,
+    n_queries: int = 5000,
 ) -> torchattacks.MultiAttack:
     """AutoAttack 'standard' as the official code (fra31/auto-attack) runs it, from torchattacks.
 
@@ -122,15 +139,50 @@ def standard_autoattack(
     # torchattacks targets n_classes - 1 classes; the official standard version the top 9 others.
     targets = min(9, num_classes - 1)
     attacks = [
-        torchattacks.APGD(model, norm=torch_norm, eps=eps, steps=steps, n_restarts=1, seed=seed,
-                          loss="ce", eot_iter=1, rho=0.75),
-        torchattacks.APGDT(model, norm=torch_norm, eps=eps, steps=steps, n_restarts=1, seed=seed,
-                           eot_iter=1, rho=0.75, n_classes=targets + 1),
-        torchattacks.FAB(model, norm=torch_norm, eps=eps, steps=steps, n_restarts=1, seed=seed,
-                         multi_targeted=True, n_classes=targets + 1),
+        torchattacks.APGD(
+            model,
+            norm=torch_norm,
+            eps=eps,
+            steps=steps,
+            n_restarts=1,
+            seed=seed,
+            loss="ce",
+            eot_iter=1,
+            rho=0.75,
+        ),
+        torchattacks.APGDT(
+            model,
+            norm=torch_norm,
+            eps=eps,
+            steps=steps,
+            n_restarts=1,
+            seed=seed,
+            eot_iter=1,
+            rho=0.75,
+            n_classes=targets + 1,
+        ),
+        torchattacks.FAB(
+            model,
+            norm=torch_norm,
+            eps=eps,
+            steps=steps,
+            n_restarts=1,
+            seed=seed,
+            multi_targeted=True,
+            n_classes=targets + 1,
+        ),
         # The official code turns the schedule rescaling off for its 5000 queries.
-        torchattacks.Square(model, norm=torch_norm, eps=eps, n_queries=n_queries, n_restarts=1,
-                            p_init=0.8, loss="margin", resc_schedule=False, seed=seed),
+        torchattacks.Square(
+            model,
+            norm=torch_norm,
+            eps=eps,
+            n_queries=n_queries,
+            n_restarts=1,
+            p_init=0.8,
+            loss="margin",
+            resc_schedule=False,
+            seed=seed,
+        ),
     ]
     return torchattacks.MultiAttack(attacks)
 
@@ -166,8 +218,14 @@ def evaluate(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return {
                 label(spec): _robust_accuracy(
-                    build(spec, model, num_classes=num_classes, seed=seed), spec, model,
-                    images, labels, batch_size=batch_size, seed=seed, on_batch=on_batch,
+                    build(spec, model, num_classes=num_classes, seed=seed),
+                    spec,
+                    model,
+                    images,
+                    labels,
+                    batch_size=batch_size,
+                    seed=seed,
+                    on_batch=on_batch,
                 )
                 for spec in resolved
             }
@@ -177,8 +235,14 @@ def evaluate(
 
 
 def _robust_accuracy(
-    attack: Attack, spec: AttackSpec, model: nn.Module, images: torch.Tensor,
-    labels: torch.Tensor, *, batch_size: int, seed: int,
+    attack: Attack,
+    spec: AttackSpec,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    seed: int,
     on_batch: Callable[[str, int, int], None] | None,
 ) -> float:
     device = next(model.parameters()).device
@@ -187,8 +251,8 @@ def _robust_accuracy(
     np.random.seed(seed)
     correct, total = 0, len(images)
     for start in range(0, total, batch_size):
-        x = images[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
         adversarial = attack(x, y)
         _check_budget(spec, x, adversarial)
         with torch.no_grad():
@@ -220,8 +284,12 @@ def _steps(spec: AttackSpec) -> int:
 def _attack_class(spec: AttackSpec) -> type:
     if spec.attack == "pgd":
         return torchattacks.PGD if spec.norm == "linf" else torchattacks.PGDL2
-    return {"fgsm": torchattacks.FGSM, "fab": torchattacks.FAB, "pixle": torchattacks.Pixle,
-            "square": torchattacks.Square}[spec.attack]
+    return {
+        "fgsm": torchattacks.FGSM,
+        "fab": torchattacks.FAB,
+        "pixle": torchattacks.Pixle,
+        "square": torchattacks.Square,
+    }[spec.attack]
 
 
 def _fixed_arguments(spec: AttackSpec, num_classes: int | None, seed: int | None) -> dict:
@@ -233,11 +301,20 @@ def _fixed_arguments(spec: AttackSpec, num_classes: int | None, seed: int | None
         alpha = spec.alpha if spec.alpha is not None else default
         return {"eps": spec.eps, "alpha": alpha, "steps": _steps(spec)}
     if spec.attack == "fab":
-        return {"norm": _TORCH_NORM[spec.norm], "eps": spec.eps, "steps": _steps(spec),
-                "n_classes": num_classes, "seed": seed}
+        return {
+            "norm": _TORCH_NORM[spec.norm],
+            "eps": spec.eps,
+            "steps": _steps(spec),
+            "n_classes": num_classes,
+            "seed": seed,
+        }
     if spec.attack == "square":
-        return {"norm": _TORCH_NORM[spec.norm], "eps": spec.eps, "n_queries": _steps(spec),
-                "seed": seed}
+        return {
+            "norm": _TORCH_NORM[spec.norm],
+            "eps": spec.eps,
+            "n_queries": _steps(spec),
+            "seed": seed,
+        }
     return {"max_iterations": _steps(spec)}  # pixle
 
 
@@ -270,4 +347,3 @@ def _check(spec: AttackSpec) -> None:
         raise ConfigError(
             f"attack {name!r}: unknown options {unknown} for {owner}; known: {sorted(allowed)}"
         )
-

@@ -85,8 +85,15 @@ def plan_table(specs: list[RunSpec]) -> Table:
     for spec in specs:
         c = spec.config
         names = [a if isinstance(a, str) else a.label or a.attack for a in c.eval.attacks]
-        table.add_row(spec.run_id, spec.label, c.data.name, c.model.name, str(c.train.epochs),
-                      str(c.seed), ", ".join(names))
+        table.add_row(
+            spec.run_id,
+            spec.label,
+            c.data.name,
+            c.model.name,
+            str(c.train.epochs),
+            str(c.seed),
+            ", ".join(names),
+        )
     return table
 
 
@@ -102,10 +109,16 @@ def plan(grid_file: Path) -> None:
 
 @cli.command()
 @click.argument("grid_file", type=click.Path(path_type=Path))
-@click.option("--executor", type=click.Choice(["auto", "slurm", "local"]), default="auto",
-              show_default=True, help="auto: SLURM when sbatch is on PATH, else local runs.")
-@click.option("--dry-run", is_flag=True,
-              help="Print the sbatch script and the runs; submit nothing.")
+@click.option(
+    "--executor",
+    type=click.Choice(["auto", "slurm", "local"]),
+    default="auto",
+    show_default=True,
+    help="auto: SLURM when sbatch is on PATH, else local runs.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the sbatch script and the runs; submit nothing."
+)
 @click.option("--force", is_flag=True, help="Re-run finished runs too.")
 @click.option("--wait", is_flag=True, help="Block with a live status table until all runs end.")
 @user_errors
@@ -114,15 +127,21 @@ def submit(grid_file: Path, executor: str, dry_run: bool, force: bool, wait: boo
     from samat.launch import submit_grid
 
     grid, _ = _load_specs(grid_file)
-    code = submit_grid(grid, executor=executor, dry_run=dry_run, force=force, wait=wait,
-                       console=console)
+    code = submit_grid(
+        grid, executor=executor, dry_run=dry_run, force=force, wait=wait, console=console
+    )
     sys.exit(code)
 
 
 @cli.command()
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--output", type=click.Path(path_type=Path), default=Path("results/single"),
-              show_default=True, help="Output root when TARGET is a config file.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("results/single"),
+    show_default=True,
+    help="Output root when TARGET is a config file.",
+)
 @user_errors
 def run(target: Path, output: Path) -> None:
     """Run one run in the foreground: a run directory, or a run config YAML file."""
@@ -139,8 +158,11 @@ def run(target: Path, output: Path) -> None:
         run_dir = prepare(spec).path
     result = execute(run_dir)
     robust = ", ".join(f"{k} {v:.1%}" for k, v in result["robust"].items())
-    console.print(f"run {result['run_id']}: natural {result['natural']:.1%}"
-                  + (f"; {robust}" if robust else "") + f" -> {run_dir}")
+    console.print(
+        f"run {result['run_id']}: natural {result['natural']:.1%}"
+        + (f"; {robust}" if robust else "")
+        + f" -> {run_dir}"
+    )
 
 
 @cli.command()
@@ -157,17 +179,33 @@ def status(path: Path) -> None:
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown", "latex", "json"]),
-              default="table", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "markdown", "latex", "json"]),
+    default="table",
+    show_default=True,
+)
 @click.option("--per-run", is_flag=True, help="With --format json: one object per run.")
-@click.option("--out", type=click.Path(path_type=Path),
-              help="Write to this file instead of stdout.")
-@click.option("--plot", "plot_file", type=click.Path(path_type=Path),
-              help="Also write a clean-vs-robust scatter plot (PNG).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Write to this file instead of stdout."
+)
+@click.option(
+    "--plot",
+    "plot_file",
+    type=click.Path(path_type=Path),
+    help="Also write a clean-vs-robust scatter plot (PNG).",
+)
 @click.option("--plot-attack", help="Attack column for the plot's y axis (default: Average).")
 @user_errors
-def collect(path: Path, fmt: str, per_run: bool, out: Path | None, plot_file: Path | None,
-            plot_attack: str | None) -> None:
+def collect(
+    path: Path,
+    fmt: str,
+    per_run: bool,
+    out: Path | None,
+    plot_file: Path | None,
+    plot_attack: str | None,
+) -> None:
     """Gather every run's result into a table (mean ± std over seeds)."""
     from samat import report
 
@@ -189,4 +227,3 @@ def collect(path: Path, fmt: str, per_run: bool, out: Path | None, plot_file: Pa
         click.echo(rendered, nl=False)
     if plot_file is not None:
         console.print(f"wrote {report.plot(path, plot_file, plot_attack)}")
-

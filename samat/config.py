@@ -237,8 +237,11 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         what = f"{path}.name: unknown name {first['ctx']['tag']!r}; choose one of {expected}"
     else:
         message = first["msg"].removeprefix("Value error, ")
-        shown = "" if isinstance(got, dict | list) or got is None or repr(got) in message else (
-            f" (got {got!r})")
+        shown = (
+            ""
+            if isinstance(got, dict | list) or got is None or repr(got) in message
+            else (f" (got {got!r})")
+        )
         what = f"{path or 'config'}: {message}{shown}"
     more = len(errors) - 1
     suffix = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""

@@ -18,8 +18,15 @@ from pathlib import Path
 from samat.config import ConfigError, ContainerConfig
 
 # Images that Apptainer and pyxis fetch themselves: no local file has to exist.
-REMOTE_PREFIXES = ("docker://", "docker-daemon:", "oras://", "library://", "shub://", "http://",
-                   "https://")
+REMOTE_PREFIXES = (
+    "docker://",
+    "docker-daemon:",
+    "oras://",
+    "library://",
+    "shub://",
+    "http://",
+    "https://",
+)
 # samat's python in the image the repository's Dockerfile builds (pyxis runs submitit with it).
 IMAGE_PYTHON = "/opt/venv/bin/python"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -27,8 +34,13 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LIST_RUNTIMES = ("apptainer", "pyxis")
 
 
-def wrap(cfg: ContainerConfig, argv: Sequence[str], *, workdirs: Sequence[Path] = (),
-         name: str | None = None) -> list[str]:
+def wrap(
+    cfg: ContainerConfig,
+    argv: Sequence[str],
+    *,
+    workdirs: Sequence[Path] = (),
+    name: str | None = None,
+) -> list[str]:
     """The argv that runs `argv` in cfg's container; each workdir is bound at its own path.
 
     Runtime none, and pyxis (where the calling process already runs in the container), return
@@ -44,8 +56,9 @@ def wrap(cfg: ContainerConfig, argv: Sequence[str], *, workdirs: Sequence[Path] 
     return _docker(cfg, mounts, argv, name)
 
 
-def task_command(cfg: ContainerConfig, run_dir: Path, *, output_root: Path | None = None
-                 ) -> list[str]:
+def task_command(
+    cfg: ContainerConfig, run_dir: Path, *, output_root: Path | None = None
+) -> list[str]:
     """The argv that runs one run directory in the container (`samat run RUN_DIR`).
 
     output_root (the grid's output directory, by default the run directory's grandparent,
@@ -53,8 +66,7 @@ def task_command(cfg: ContainerConfig, run_dir: Path, *, output_root: Path | Non
     """
     run_dir = _absolute(run_dir)
     root = _absolute(output_root) if output_root is not None else run_dir.parent.parent
-    return wrap(cfg, ["samat", "run", str(run_dir)], workdirs=[root],
-                name=container_name(run_dir))
+    return wrap(cfg, ["samat", "run", str(run_dir)], workdirs=[root], name=container_name(run_dir))
 
 
 def container_name(run_dir: Path) -> str:
@@ -113,23 +125,29 @@ def validate(cfg: ContainerConfig) -> list[str]:
     for bind in cfg.binds:
         host, _, _ = _parse_bind(bind, cfg.runtime)
         if not Path(host).exists():
-            raise ConfigError(f"container.binds: host path {host!r} does not exist; create it or "
-                              "fix the bind")
+            raise ConfigError(
+                f"container.binds: host path {host!r} does not exist; create it or fix the bind"
+            )
     for name, value in cfg.env.items():
         if not _ENV_NAME.fullmatch(name):
-            raise ConfigError(f"container.env: {name!r} is not a variable name; use letters, "
-                              "digits and _")
+            raise ConfigError(
+                f"container.env: {name!r} is not a variable name; use letters, digits and _"
+            )
         if cfg.runtime == "apptainer":
             _apptainer_env(name, value)
     image = str(cfg.image)
     if _is_local_image(cfg.runtime, image) and not Path(image).expanduser().exists():
-        raise ConfigError(f"container.image {image!r} does not exist; build it (see "
-                          "docs/containers.md) or give its path")
+        raise ConfigError(
+            f"container.image {image!r} does not exist; build it (see "
+            "docs/containers.md) or give its path"
+        )
     warnings = []
     executable = cfg.executable or ("srun" if cfg.runtime == "pyxis" else cfg.runtime)
     if shutil.which(executable) is None:
-        warnings.append(f"container runtime {executable!r} is not on this node's PATH; fine if the "
-                        "compute nodes have it")
+        warnings.append(
+            f"container runtime {executable!r} is not on this node's PATH; fine if the "
+            "compute nodes have it"
+        )
     return warnings
 
 
@@ -146,15 +164,20 @@ def _parse_bind(bind: str, runtime: str) -> tuple[str, str, str | None]:
     """host, container and options of a `host:container[:opts]` bind; ConfigError if malformed."""
     parts = bind.split(":")
     if len(parts) not in (2, 3) or not all(parts):
-        raise ConfigError(f"container.binds: {bind!r} is not host:container[:options]; "
-                          "write it like /data:/data:ro")
+        raise ConfigError(
+            f"container.binds: {bind!r} is not host:container[:options]; "
+            "write it like /data:/data:ro"
+        )
     host, target = parts[:2]
     if not target.startswith("/"):
-        raise ConfigError(f"container.binds: container path {target!r} in {bind!r} must be "
-                          "absolute")
+        raise ConfigError(
+            f"container.binds: container path {target!r} in {bind!r} must be absolute"
+        )
     if runtime in _LIST_RUNTIMES and "," in bind:
-        raise ConfigError(f"container.binds: {runtime} cannot bind {bind!r} (commas separate "
-                          "its binds); rename the path")
+        raise ConfigError(
+            f"container.binds: {runtime} cannot bind {bind!r} (commas separate "
+            "its binds); rename the path"
+        )
     return str(_absolute(host)), target, parts[2] if len(parts) == 3 else None
 
 
@@ -167,15 +190,18 @@ def _mounts(cfg: ContainerConfig, workdirs: Sequence[Path]) -> list[tuple[str, .
     for workdir in workdirs:
         path = str(_absolute(workdir))
         if ":" in path or (cfg.runtime in _LIST_RUNTIMES and "," in path):
-            raise ConfigError(f"{cfg.runtime} cannot bind {path!r} (it splits binds at ':' and "
-                              "','); choose an output directory without them")
+            raise ConfigError(
+                f"{cfg.runtime} cannot bind {path!r} (it splits binds at ':' and "
+                "','); choose an output directory without them"
+            )
         if (path, path) not in mounts:
             mounts.append((path, path))
     return mounts
 
 
-def _apptainer(cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequence[str]
-               ) -> list[str]:
+def _apptainer(
+    cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequence[str]
+) -> list[str]:
     command = [cfg.executable or "apptainer", "exec"]
     if cfg.gpu:
         command.append("--nv")
@@ -205,13 +231,16 @@ def _apptainer_env(name: str, value: str) -> str:
     if "=" in value:
         return '"' + item.replace('"', '""') + '"'
     if value.endswith('"'):
-        raise ConfigError(f"container.env.{name}: Apptainer drops a final '\"' from a value "
-                          "without '='; change the value")
+        raise ConfigError(
+            f"container.env.{name}: Apptainer drops a final '\"' from a value "
+            "without '='; change the value"
+        )
     return item
 
 
-def _docker(cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequence[str],
-            name: str | None) -> list[str]:
+def _docker(
+    cfg: ContainerConfig, mounts: list[tuple[str, ...]], argv: Sequence[str], name: str | None
+) -> list[str]:
     executable = cfg.executable or "docker"
     # --init: an init process as PID 1 passes on SIGTERM (PID 1 itself would ignore it), so a
     # forwarded time-limit signal stops the run; --rm: one container per attempt, none left over

@@ -156,10 +156,14 @@ def preflight(specs: list[RunSpec], source: str = "grid") -> None:
     for spec in specs:
         config = spec.config
         if config.model.name not in known:
-            raise ConfigError(f"{source}: unknown model {config.model.name!r} (model.name); "
-                              f"choose one of {sorted(known)}")
+            raise ConfigError(
+                f"{source}: unknown model {config.model.name!r} (model.name); "
+                f"choose one of {sorted(known)}"
+            )
         root = config.data.root
         if root is not None and not root.is_dir():
-            raise ConfigError(f"{source}: data.root {root} does not exist; "
-                              f"put the {config.data.name} data there or fix data.root")
+            raise ConfigError(
+                f"{source}: data.root {root} does not exist; "
+                f"put the {config.data.name} data there or fix data.root"
+            )
         attacks.resolve(config.eval.attacks)

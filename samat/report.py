@@ -72,8 +72,17 @@ def load_records(root: Path) -> list[RunRecord]:
         state = run.state()
         status = "done" if result else state["state"]
         label = state.get("label") or method_label(config)
-        records.append(RunRecord(run, label, group_id(config), status, config.seed,
-                                 config.model_dump(mode="json"), result))
+        records.append(
+            RunRecord(
+                run,
+                label,
+                group_id(config),
+                status,
+                config.seed,
+                config.model_dump(mode="json"),
+                result,
+            )
+        )
     return records
 
 
@@ -86,8 +95,10 @@ def group_rows(records: list[RunRecord]) -> list[Row]:
     rows: dict[str, Row] = {}
     for record in records:
         rows.setdefault(record.group, Row(record.label)).runs.append(record)
-    return sorted(rows.values(), key=lambda row: (
-        METHOD_ORDER.get(row.runs[0].config["method"]["name"], 9), row.label))
+    return sorted(
+        rows.values(),
+        key=lambda row: (METHOD_ORDER.get(row.runs[0].config["method"]["name"], 9), row.label),
+    )
 
 
 def columns(records: list[RunRecord]) -> list[str]:
@@ -137,8 +148,12 @@ def flat_rows(rows: list[Row], cols: list[str]) -> list[dict[str, Any]]:
     """One mapping per table row with mean/std per column (percent) for CSV, Markdown, JSON."""
     out = []
     for row in rows:
-        entry: dict[str, Any] = {"method": row.label, "runs": len(row.runs),
-                                 "done": len(row.values(NATURAL)), "states": row.states()}
+        entry: dict[str, Any] = {
+            "method": row.label,
+            "runs": len(row.runs),
+            "done": len(row.values(NATURAL)),
+            "states": row.states(),
+        }
         for column in cols:
             stats = summarize(row.values(column))
             entry[column] = None if stats is None else {"mean": stats[0], "std": stats[1]}
@@ -151,12 +166,20 @@ def per_run(records: list[RunRecord]) -> list[dict[str, Any]]:
     out = []
     for r in records:
         res = r.result or {}
-        out.append({
-            "run_id": r.run.run_id, "label": r.label, "state": r.state, "seed": r.seed,
-            "config": r.config, "natural": res.get("natural"), "robust": res.get("robust", {}),
-            "average_robust": res.get("average_robust"),
-            "train_seconds": res.get("train_seconds"), "eval_seconds": res.get("eval_seconds"),
-        })
+        out.append(
+            {
+                "run_id": r.run.run_id,
+                "label": r.label,
+                "state": r.state,
+                "seed": r.seed,
+                "config": r.config,
+                "natural": res.get("natural"),
+                "robust": res.get("robust", {}),
+                "average_robust": res.get("average_robust"),
+                "train_seconds": res.get("train_seconds"),
+                "eval_seconds": res.get("eval_seconds"),
+            }
+        )
     return out
 
 
@@ -177,8 +200,12 @@ def _text_table(rows: list[Row], cols: list[str], *, latex: bool) -> str:
     header = ["Method", *cols]
     body = [[row.label, *(_cell(row, c) for c in cols)] for row in rows]
     if latex:
-        lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
-                 " & ".join(header) + r" \\", r"\midrule"]
+        lines = [
+            r"\begin{tabular}{l" + "r" * len(cols) + "}",
+            r"\toprule",
+            " & ".join(header) + r" \\",
+            r"\midrule",
+        ]
         lines += [" & ".join(cells).replace("±", r"$\pm$") + r" \\" for cells in body]
         return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -215,8 +242,11 @@ def plot(root: Path, out: Path, attack: str | None = None) -> Path:
         raise ConfigError(f"no column {column!r} in the results; choose one of {cols[1:]}")
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for row in rows:
-        points = [(r.result["natural"] * 100, _column_value(r.result, column))
-                  for r in row.runs if r.result]
+        points = [
+            (r.result["natural"] * 100, _column_value(r.result, column))
+            for r in row.runs
+            if r.result
+        ]
         points = [(x, y * 100) for x, y in points if y is not None]
         if points:
             ax.scatter(*zip(*points, strict=True), label=row.label)

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
     from samat.grid import RunSpec
 
 CONFIG, STATE, CHECKPOINT, METRICS, RESULT, LOG = (
-    "config.yaml", "state.json", "checkpoint.safetensors", "metrics.jsonl", "result.json", "log",
+    "config.yaml",
+    "state.json",
+    "checkpoint.safetensors",
+    "metrics.jsonl",
+    "result.json",
+    "log",
 )
 STATES = ("pending", "running", "done", "failed")
 # Keys a result.json must have to count as complete (a run killed mid-write leaves none of it).
@@ -77,8 +82,15 @@ class RunDir:
 
     def state(self) -> dict[str, Any]:
         state = read_json(self.file(STATE)) or {}
-        return {"state": "pending", "attempts": 0, "requeues": 0, "job_id": None, "error": None,
-                "updated": None, **state}
+        return {
+            "state": "pending",
+            "attempts": 0,
+            "requeues": 0,
+            "job_id": None,
+            "error": None,
+            "updated": None,
+            **state,
+        }
 
     def update_state(self, **fields: Any) -> dict[str, Any]:
         state = {**self.state(), **fields, "updated": time.time()}

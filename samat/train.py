@@ -53,8 +53,11 @@ def make_optimizer(config: OptimizerConfig, model: torch.nn.Module) -> torch.opt
     if config.name == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, nesterov=config.nesterov,
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
     )
 
 
@@ -81,8 +84,13 @@ def build(config: RunConfig, device: torch.device) -> tuple[Any, torch.nn.Module
     dataset = load_dataset(config.data)
     images = dataset.train.images
     model = models.create(
-        config.model.name, dataset.num_classes, in_channels=images.shape[1],
-        image_size=images.shape[-1], mean=dataset.mean, std=dataset.std, width=config.model.width,
+        config.model.name,
+        dataset.num_classes,
+        in_channels=images.shape[1],
+        image_size=images.shape[-1],
+        mean=dataset.mean,
+        std=dataset.std,
+        width=config.model.width,
     ).to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -90,6 +98,7 @@ def build(config: RunConfig, device: torch.device) -> tuple[Any, torch.nn.Module
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
+
 
 def checkpoint_tensors(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -112,8 +121,10 @@ def checkpoint_tensors(
 
 
 def restore_checkpoint(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
 ) -> None:
     """Inverse of checkpoint_tensors."""
     device = next(model.parameters()).device
@@ -132,8 +143,9 @@ def restore_checkpoint(
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
 
 
-def _resume(run: RunDir, config: RunConfig, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
+def _resume(
+    run: RunDir, config: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, Any]]:
     path = run.file(CHECKPOINT)
     if not path.exists():
         return 0, {}
@@ -149,6 +161,7 @@ def _resume(run: RunDir, config: RunConfig, model: torch.nn.Module,
 
 
 # -- the run -------------------------------------------------------------------------------------
+
 
 def accuracy(model: torch.nn.Module, loader: DeviceLoader) -> float:
     """Clean top-1 accuracy over a whole split."""
@@ -192,8 +205,9 @@ def execute(run_dir: Path) -> dict[str, Any]:
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)  # the run's log file always gets the epoch lines
     attempts = run.state()["attempts"] + 1
-    run.update_state(state="running", attempts=attempts, error=None, host=socket.gethostname(),
-                     **_slurm_job_id())
+    run.update_state(
+        state="running", attempts=attempts, error=None, host=socket.gethostname(), **_slurm_job_id()
+    )
     try:
         result = _train_and_evaluate(run, config)
     except BaseException as error:
@@ -218,15 +232,33 @@ def _train_and_evaluate(run: RunDir, config: RunConfig) -> dict[str, Any]:
     method = methods.create(config.method, optimizer, amp=train.amp)
     start, totals = _resume(run, config, model, optimizer)
     loader = DeviceLoader(
-        dataset.train, train.batch_size, device=device, shuffle=True, seed=config.seed,
-        crop_padding=dataset.crop_padding, flip=dataset.flip, channels_last=train.channels_last,
+        dataset.train,
+        train.batch_size,
+        device=device,
+        shuffle=True,
+        seed=config.seed,
+        crop_padding=dataset.crop_padding,
+        flip=dataset.flip,
+        channels_last=train.channels_last,
     )
     totals = {"train_seconds": 0.0, "images": 0, "steps": 0, **totals}
-    log.info("run %s: %s on %s, %d epochs from epoch %d, device %s", run.run_id,
-             config.method.name, config.data.name, train.epochs, start, device)
+    log.info(
+        "run %s: %s on %s, %d epochs from epoch %d, device %s",
+        run.run_id,
+        config.method.name,
+        config.data.name,
+        train.epochs,
+        start,
+        device,
+    )
     bar = _progress_bar()
-    task = bar.add_task(f"{config.method.name} seed {config.seed}",
-                        total=(train.epochs - start) * len(loader)) if bar else None
+    task = (
+        bar.add_task(
+            f"{config.method.name} seed {config.seed}", total=(train.epochs - start) * len(loader)
+        )
+        if bar
+        else None
+    )
     for epoch in range(start, train.epochs):
         lr = train.optimizer.lr * lr_factor(train.schedule, epoch, train.epochs)
         for group in optimizer.param_groups:
@@ -245,24 +277,46 @@ def _train_and_evaluate(run: RunDir, config: RunConfig) -> dict[str, Any]:
             correct += (out.logits.argmax(1) == labels).sum().item()
             seen += labels.numel()
             if bar:
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{train.epochs} "
-                           f"loss {loss_sum / seen:.3f}")
+                bar.update(
+                    task,
+                    advance=1,
+                    description=f"epoch {epoch + 1}/{train.epochs} loss {loss_sum / seen:.3f}",
+                )
         seconds = time.perf_counter() - began
         totals["train_seconds"] += seconds
         totals["images"] += seen
         totals["steps"] += len(loader)
-        record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / seen,
-                  "train_accuracy": correct / seen, "seconds": seconds,
-                  "images_per_second": seen / seconds}
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "seconds": seconds,
+            "images_per_second": seen / seconds,
+        }
         run.append_metrics(record)
         tensors, meta = checkpoint_tensors(model, optimizer)
-        write_checkpoint(run.file(CHECKPOINT), tensors, {
-            **meta, "epoch": epoch + 1, "run_id": run_id(config), "samat": __version__,
-            "totals": totals,
-        })
-        log.info("epoch %d/%d loss %.4f train-acc %.4f lr %.4g %.1fs (%.0f img/s)",
-                 epoch + 1, train.epochs, record["loss"], record["train_accuracy"], lr, seconds,
-                 record["images_per_second"])
+        write_checkpoint(
+            run.file(CHECKPOINT),
+            tensors,
+            {
+                **meta,
+                "epoch": epoch + 1,
+                "run_id": run_id(config),
+                "samat": __version__,
+                "totals": totals,
+            },
+        )
+        log.info(
+            "epoch %d/%d loss %.4f train-acc %.4f lr %.4g %.1fs (%.0f img/s)",
+            epoch + 1,
+            train.epochs,
+            record["loss"],
+            record["train_accuracy"],
+            lr,
+            seconds,
+            record["images_per_second"],
+        )
 
     if bar:
         bar.stop()
@@ -272,28 +326,49 @@ def _train_and_evaluate(run: RunDir, config: RunConfig) -> dict[str, Any]:
     n = min(config.eval.n_examples, len(dataset.test.labels))
     images = dataset.test.images[:n].to(device).float().div(255)
     labels = dataset.test.labels[:n].to(device)
-    robust = attacks.evaluate(
-        model, images, labels, specs, batch_size=config.eval.batch_size,
-        num_classes=dataset.num_classes, seed=config.seed,
-        on_batch=lambda label, done, total: log.info("attack %s: %d/%d", label, done, total),
-    ) if specs else {}
+    robust = (
+        attacks.evaluate(
+            model,
+            images,
+            labels,
+            specs,
+            batch_size=config.eval.batch_size,
+            num_classes=dataset.num_classes,
+            seed=config.seed,
+            on_batch=lambda label, done, total: log.info("attack %s: %d/%d", label, done, total),
+        )
+        if specs
+        else {}
+    )
     eval_seconds = time.perf_counter() - began
     for label, value in robust.items():
         log.info("robust accuracy %s: %.4f", label, value)
     result = {
-        "run_id": run.run_id, "seed": config.seed, "method": config.method.name,
-        "natural": natural, "robust": robust,
+        "run_id": run.run_id,
+        "seed": config.seed,
+        "method": config.method.name,
+        "natural": natural,
+        "robust": robust,
         "average_robust": sum(robust.values()) / len(robust) if robust else None,
         "robust_examples": n if specs else 0,
-        "train_seconds": totals["train_seconds"], "eval_seconds": eval_seconds,
+        "train_seconds": totals["train_seconds"],
+        "eval_seconds": eval_seconds,
         "images_per_second": totals["images"] / max(totals["train_seconds"], 1e-9),
         "forward_backward_passes": totals["steps"] * method.passes_per_step,
-        "passes_per_step": method.passes_per_step, "epochs": train.epochs,
+        "passes_per_step": method.passes_per_step,
+        "epochs": train.epochs,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {"samat": __version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "samat": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
     write_json(run.file(RESULT), result)
-    log.info("natural accuracy %.4f; done in %.1fs train + %.1fs eval", natural,
-             totals["train_seconds"], eval_seconds)
+    log.info(
+        "natural accuracy %.4f; done in %.1fs train + %.1fs eval",
+        natural,
+        totals["train_seconds"],
+        eval_seconds,
+    )
     return result

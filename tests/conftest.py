@@ -29,8 +29,15 @@ def write_yaml(tmp_path: Path):
 TINY_BASE: dict[str, Any] = {
     "data": {"name": "digits", "train_size": 512, "test_size": 64},
     "model": {"name": "small_cnn", "width": 16},
-    "train": {"epochs": 2, "batch_size": 32, "deterministic": True,
-              "optimizer": {"name": "sgd", "lr": 0.05}},
-    "eval": {"n_examples": 32, "batch_size": 64,
-             "attacks": [{"attack": "fgsm", "norm": "linf", "eps": 0.1, "label": "FGSM"}]},
+    "train": {
+        "epochs": 2,
+        "batch_size": 32,
+        "deterministic": True,
+        "optimizer": {"name": "sgd", "lr": 0.05},
+    },
+    "eval": {
+        "n_examples": 32,
+        "batch_size": 64,
+        "attacks": [{"attack": "fgsm", "norm": "linf", "eps": 0.1, "label": "FGSM"}],
+    },
 }

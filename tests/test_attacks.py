@@ -61,8 +61,12 @@ def test_presets_hold_the_paper_columns():
         assert spec.eps == pytest.approx(eps)
     assert (PRESETS["pixle"].attack, PRESETS["pixle"].steps) == ("pixle", 5)
     assert [label(spec) for spec in resolve(["paper"])] == [
-        "FGSM linf 1/255", "PGD-10 linf 1/255", "PGD-10 l2 32/255", "AA l2 32/255",
-        "FAB-10 l2 32/255", "Pixle-5",
+        "FGSM linf 1/255",
+        "PGD-10 linf 1/255",
+        "PGD-10 l2 32/255",
+        "AA l2 32/255",
+        "FAB-10 l2 32/255",
+        "Pixle-5",
     ]
 
 
@@ -135,8 +139,12 @@ def test_bad_specs_fail_at_resolve_with_one_line(fields, message):
 def test_bad_option_values_and_too_few_classes_fail_at_build(digits):
     model, _, _ = digits
     with pytest.raises(ConfigError, match="Pixle-5.*torchattacks.Pixle rejects"):
-        build(AttackSpec(attack="pixle", options={"pixel_mapping": "nope"}), model,
-              num_classes=N_CLASSES, seed=0)
+        build(
+            AttackSpec(attack="pixle", options={"pixel_mapping": "nope"}),
+            model,
+            num_classes=N_CLASSES,
+            seed=0,
+        )
     with pytest.raises(ConfigError, match="at least 4 classes"):
         build(AttackSpec(attack="autoattack"), model, num_classes=3, seed=0)
 
@@ -167,12 +175,19 @@ def test_build_maps_specs_onto_torchattacks(digits):
 
 def test_autoattack_is_the_official_standard_composition(digits):
     model, _, _ = digits
-    composed = build(AttackSpec(attack="autoattack", norm="l2", eps="32/255"), model,
-                     num_classes=N_CLASSES, seed=3)
+    composed = build(
+        AttackSpec(attack="autoattack", norm="l2", eps="32/255"),
+        model,
+        num_classes=N_CLASSES,
+        seed=3,
+    )
     assert type(composed) is torchattacks.MultiAttack
     apgd, apgdt, fab, square = composed.attacks
     assert [type(a) for a in composed.attacks] == [
-        torchattacks.APGD, torchattacks.APGDT, torchattacks.FAB, torchattacks.Square,
+        torchattacks.APGD,
+        torchattacks.APGDT,
+        torchattacks.FAB,
+        torchattacks.Square,
     ]
     for attack in composed.attacks:
         assert (attack.norm, attack.eps, attack.seed, attack.n_restarts) == ("L2", 32 / 255, 3, 1)
@@ -180,15 +195,23 @@ def test_autoattack_is_the_official_standard_composition(digits):
     assert (apgdt.steps, apgdt.n_target_classes, apgdt.eot_iter) == (100, 9, 1)
     assert (fab.steps, fab.multi_targeted, fab.n_target_classes) == (100, True, 9)
     assert (square.n_queries, square.p_init, square.loss, square.rescale_schedule) == (
-        5000, 0.8, "margin", False,
+        5000,
+        0.8,
+        "margin",
+        False,
     )
     # Nine targets however many classes there are; fewer only when there are fewer other classes.
     for classes, targets in [(100, 9), (5, 4)]:
-        _, apgdt, fab, _ = build(AttackSpec(attack="autoattack"), model, num_classes=classes,
-                                 seed=0).attacks
+        _, apgdt, fab, _ = build(
+            AttackSpec(attack="autoattack"), model, num_classes=classes, seed=0
+        ).attacks
         assert apgdt.n_target_classes == fab.n_target_classes == targets
-    quick = build(AttackSpec(attack="autoattack", steps=10, options={"n_queries": 50}), model,
-                  num_classes=N_CLASSES, seed=0)
+    quick = build(
+        AttackSpec(attack="autoattack", steps=10, options={"n_queries": 50}),
+        model,
+        num_classes=N_CLASSES,
+        seed=0,
+    )
     assert [quick.attacks[i].steps for i in range(3)] == [10, 10, 10]
     assert quick.attacks[3].n_queries == 50
 
@@ -216,8 +239,13 @@ def test_each_attack_lowers_accuracy_within_budget(digits, spec):
 
 
 @pytest.mark.parametrize(
-    "spec", [AttackSpec(attack="fgsm", eps=0.05), AttackSpec(attack="pgd", eps=0.05),
-             AttackSpec(attack="pgd", norm="l2", eps=0.7)], ids=label,
+    "spec",
+    [
+        AttackSpec(attack="fgsm", eps=0.05),
+        AttackSpec(attack="pgd", eps=0.05),
+        AttackSpec(attack="pgd", norm="l2", eps=0.7),
+    ],
+    ids=label,
 )
 def test_fgsm_and_pgd_adversarials_stay_in_the_budget(digits, spec):
     model, images, labels = digits
@@ -252,16 +280,24 @@ def test_evaluate_restores_mode_and_random_state_and_reports_progress(digits):
     model.train()
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
     try:
-        results = run(model, images, labels, "pgd10_linf_1", "pixle", batch_size=40,
-                      on_batch=lambda *call: calls.append(call))
+        results = run(
+            model,
+            images,
+            labels,
+            "pgd10_linf_1",
+            "pixle",
+            batch_size=40,
+            on_batch=lambda *call: calls.append(call),
+        )
         assert model.training
     finally:
         model.eval()
     assert list(results) == ["PGD-10 linf 1/255", "Pixle-5"]
     assert calls == [(name, done, 100) for name in results for done in (40, 80, 100)]
     assert torch.equal(torch.get_rng_state(), torch_state)
-    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state,
-                                                     strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state, strict=True)
+    )
 
 
 def test_evaluate_is_deterministic_given_the_seed(digits):
@@ -284,14 +320,22 @@ def test_autoattack_agrees_with_the_official_implementation(digits, norm, eps):
     Both with 10 iterations and 500 Square queries instead of 100 and 5000, to stay fast.
     """
     import pyautoattack  # in the dev extras: a missing reference is a failure, not a skip
+
     model, images, labels = digits
     steps, queries = 10, 500
-    spec = AttackSpec(attack="autoattack", norm=norm, eps=eps, steps=steps,
-                      options={"n_queries": queries})
+    spec = AttackSpec(
+        attack="autoattack", norm=norm, eps=eps, steps=steps, options={"n_queries": queries}
+    )
     ours = run(model, images, labels, spec, batch_size=100)[label(spec)]
 
-    official = pyautoattack.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
-                                       seed=0, version="standard", device="cpu")
+    official = pyautoattack.AutoAttack(
+        model,
+        norm={"linf": "Linf", "l2": "L2"}[norm],
+        eps=eps,
+        seed=0,
+        version="standard",
+        device="cpu",
+    )
     for apgd in (official.apgd, official.apgd_targeted):
         # its step-size checkpoints are set from n_iter in the constructor
         apgd.n_iter = steps

@@ -15,9 +15,13 @@ def invoke(*args):
 
 
 def tiny_grid(tmp_path, **changes):
-    grid = {"name": "t", "output": str(tmp_path / "out"), "base": copy.deepcopy(TINY_BASE),
-            "variants": [{"method.name": "standard"}, {"method.name": "sam", "method.rho": 0.1}],
-            "seeds": [0]}
+    grid = {
+        "name": "t",
+        "output": str(tmp_path / "out"),
+        "base": copy.deepcopy(TINY_BASE),
+        "variants": [{"method.name": "standard"}, {"method.name": "sam", "method.rho": 0.1}],
+        "seeds": [0],
+    }
     for key, value in changes.items():
         node = grid
         *parents, last = key.split("/")
@@ -31,11 +35,15 @@ BAD_INPUTS = {
     "unknown key": ({"base/train/epochz": 3}, "unknown key 'train.epochz'"),
     "wrong type": ({"base/train/epochs": "three"}, "train.epochs"),
     "negative eps": ({"variants": [{"method.name": "pgd_at", "method.eps": -0.1}]}, "method.eps"),
-    "missing data root": ({"base/data": {"name": "cifar10", "root": "/nonexistent/cifar"}},
-                          "data.root /nonexistent/cifar does not exist"),
+    "missing data root": (
+        {"base/data": {"name": "cifar10", "root": "/nonexistent/cifar"}},
+        "data.root /nonexistent/cifar does not exist",
+    ),
     "unknown model": ({"base/model/name": "resnet9000"}, "unknown model 'resnet9000'"),
-    "unknown attack": ({"base/eval/attacks": [{"attack": "carlini", "eps": 0.1}]},
-                       "eval.attacks.0"),
+    "unknown attack": (
+        {"base/eval/attacks": [{"attack": "carlini", "eps": 0.1}]},
+        "eval.attacks.0",
+    ),
     "unknown preset": ({"base/eval/attacks": ["pgd_9000"]}, "pgd_9000"),
 }
 
@@ -55,8 +63,9 @@ def test_bad_grid_is_one_line_exit_2_and_nothing_runs(tmp_path, write_yaml, case
 
 def test_no_traceback_for_user_errors(tmp_path, write_yaml):
     path = write_yaml(tiny_grid(tmp_path, **{"base/train/epochz": 3}))
-    proc = subprocess.run([sys.executable, "-m", "samat", "plan", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "samat", "plan", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert proc.stderr.count("\n") == 1

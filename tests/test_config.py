@@ -86,5 +86,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_format_budget():
     assert [format_budget(e) for e in (8 / 255, 128 / 255, 0.1, 0.0, 1.0, 2.5)] == [
-        "8/255", "128/255", "0.1", "0", "1", "2.5",
+        "8/255",
+        "128/255",
+        "0.1",
+        "0",
+        "1",
+        "2.5",
     ]

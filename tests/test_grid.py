@@ -24,40 +24,61 @@ def test_group_id_ignores_seed_only():
 
 
 def test_variants_sweep_only_their_own_keys():
-    specs = expand(grid(
-        variants=[{"method.name": "standard"},
-                  {"method.name": "sam", "method.rho": [0.1, 0.5]},
-                  {"method.name": "pgd_at", "method.eps": ["1/255", "8/255"]}],
-        seeds=[0, 1, 2],
-    ))
+    specs = expand(
+        grid(
+            variants=[
+                {"method.name": "standard"},
+                {"method.name": "sam", "method.rho": [0.1, 0.5]},
+                {"method.name": "pgd_at", "method.eps": ["1/255", "8/255"]},
+            ],
+            seeds=[0, 1, 2],
+        )
+    )
     assert len(specs) == (1 + 2 + 2) * 3
     labels = sorted({s.label for s in specs})
-    assert labels == ["PGD-AT linf eps=1/255", "PGD-AT linf eps=8/255", "SAM rho=0.1",
-                      "SAM rho=0.5", "SGD"]
+    assert labels == [
+        "PGD-AT linf eps=1/255",
+        "PGD-AT linf eps=8/255",
+        "SAM rho=0.1",
+        "SAM rho=0.5",
+        "SGD",
+    ]
     assert all(s.run_dir.parent.name == "runs" and s.run_dir.name == s.run_id for s in specs)
 
 
 def test_cartesian_sweep_times_variants():
-    specs = expand(grid(
-        sweep={"train.batch_size": [64, 128], "model.width": [8, 16]},
-        variants=[{"method.name": "standard"}, {"method.name": "sam"}],
-    ))
+    specs = expand(
+        grid(
+            sweep={"train.batch_size": [64, 128], "model.width": [8, 16]},
+            variants=[{"method.name": "standard"}, {"method.name": "sam"}],
+        )
+    )
     assert len(specs) == 2 * 2 * 2
     assert {(s.config.train.batch_size, s.config.model.width) for s in specs} == {
-        (64, 8), (64, 16), (128, 8), (128, 16)}
+        (64, 8),
+        (64, 16),
+        (128, 8),
+        (128, 16),
+    }
 
 
 def test_include_and_exclude():
-    specs = expand(grid(
-        variants=[{"method.name": "sam", "method.rho": [0.1, 0.2, 0.3]}],
-        exclude=[{"method.rho": 0.2}],
-        include=[{"method.name": "pgd_at", "method.eps": "8/255"}],
-    ))
+    specs = expand(
+        grid(
+            variants=[{"method.name": "sam", "method.rho": [0.1, 0.2, 0.3]}],
+            exclude=[{"method.rho": 0.2}],
+            include=[{"method.name": "pgd_at", "method.eps": "8/255"}],
+        )
+    )
     rhos = sorted(s.config.method.rho for s in specs if s.config.method.name == "sam")
     assert rhos == [0.1, 0.3]
     assert sum(s.config.method.name == "pgd_at" for s in specs) == 1
-    excluded = expand(grid(variants=[{"method.name": "pgd_at", "method.eps": ["1/255", "8/255"]}],
-                           exclude=[{"method.eps": "8/255"}]))
+    excluded = expand(
+        grid(
+            variants=[{"method.name": "pgd_at", "method.eps": ["1/255", "8/255"]}],
+            exclude=[{"method.eps": "8/255"}],
+        )
+    )
     assert [round(s.config.method.eps * 255) for s in excluded] == [1]
 
 

@@ -29,9 +29,13 @@ RESULT = {"run_id": "x", "natural": 0.9, "robust": {"FGSM": 0.5}, "average_robus
 
 
 def make_grid(tmp_path: Path, seeds: int = 4, **slurm: object) -> GridConfig:
-    return GridConfig(name="t", output=tmp_path / "out", base=copy.deepcopy(TINY_BASE),
-                      seeds=list(range(seeds)),
-                      slurm={"gpus_per_node": 0, "cpus_per_task": 1, **slurm})
+    return GridConfig(
+        name="t",
+        output=tmp_path / "out",
+        base=copy.deepcopy(TINY_BASE),
+        seeds=list(range(seeds)),
+        slurm={"gpus_per_node": 0, "cpus_per_task": 1, **slurm},
+    )
 
 
 def recording_console() -> Console:
@@ -56,16 +60,35 @@ def slurm_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 # -- parameters and the sbatch file ---------------------------------------------------------------
 
+
 def test_slurm_parameters_map_every_field() -> None:
-    config = SlurmConfig(partition="gpu", account="proj", qos="high", gpus_per_node=2,
-                         cpus_per_task=8, mem_gb=1.5, timeout_min=30, array_parallelism=5,
-                         constraint="a100", max_num_timeout=2, signal_delay_s=45,
-                         additional_parameters={"exclusive": True, "mail_type": "END"},
-                         setup=["module load cuda"])
+    config = SlurmConfig(
+        partition="gpu",
+        account="proj",
+        qos="high",
+        gpus_per_node=2,
+        cpus_per_task=8,
+        mem_gb=1.5,
+        timeout_min=30,
+        array_parallelism=5,
+        constraint="a100",
+        max_num_timeout=2,
+        signal_delay_s=45,
+        additional_parameters={"exclusive": True, "mail_type": "END"},
+        setup=["module load cuda"],
+    )
     assert slurm_parameters(config, "demo") == {
-        "job_name": "samat-demo", "partition": "gpu", "account": "proj", "qos": "high",
-        "gpus_per_node": 2, "cpus_per_task": 8, "mem": "1536MB", "time": 30,
-        "array_parallelism": 5, "constraint": "a100", "signal_delay_s": 45,
+        "job_name": "samat-demo",
+        "partition": "gpu",
+        "account": "proj",
+        "qos": "high",
+        "gpus_per_node": 2,
+        "cpus_per_task": 8,
+        "mem": "1536MB",
+        "time": 30,
+        "array_parallelism": 5,
+        "constraint": "a100",
+        "signal_delay_s": 45,
         "additional_parameters": {"exclusive": True, "mail_type": "END"},
         "setup": ["module load cuda"],
     }
@@ -74,18 +97,38 @@ def test_slurm_parameters_map_every_field() -> None:
 def test_slurm_parameters_leave_out_what_is_not_set() -> None:
     params = slurm_parameters(SlurmConfig(gpus_per_node=0, mem_gb=16), "g")
     assert params["mem"] == "16GB"
-    assert not {"gpus_per_node", "partition", "account", "qos", "constraint", "setup",
-                "additional_parameters"} & set(params)
+    assert not {
+        "gpus_per_node",
+        "partition",
+        "account",
+        "qos",
+        "constraint",
+        "setup",
+        "additional_parameters",
+    } & set(params)
 
 
 def test_sbatch_script_has_the_array_and_every_flag(tmp_path: Path) -> None:
-    config = SlurmConfig(partition="gpu", gpus_per_node=1, timeout_min=30, array_parallelism=2,
-                         signal_delay_s=45, additional_parameters={"exclusive": True},
-                         setup=["module load cuda"])
+    config = SlurmConfig(
+        partition="gpu",
+        gpus_per_node=1,
+        timeout_min=30,
+        array_parallelism=2,
+        signal_delay_s=45,
+        additional_parameters={"exclusive": True},
+        setup=["module load cuda"],
+    )
     script = sbatch_script(slurm_parameters(config, "demo"), tmp_path / "%j", 4)
-    for line in ("#SBATCH --array=0-3%2", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --time=30", "#SBATCH --signal=USR2@45", "#SBATCH --exclusive",
-                 "#SBATCH --job-name=samat-demo", "module load cuda"):
+    for line in (
+        "#SBATCH --array=0-3%2",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --time=30",
+        "#SBATCH --signal=USR2@45",
+        "#SBATCH --exclusive",
+        "#SBATCH --job-name=samat-demo",
+        "module load cuda",
+    ):
         assert line in script.splitlines()
     assert "-m submitit.core._submit" in script
     # one run is a plain job, not an array of one
@@ -121,8 +164,9 @@ def test_dry_run_splits_large_grids_and_submits_nothing(tmp_path: Path, slurm_bi
 
 def test_dry_run_without_sbatch_prints_the_script(tmp_path: Path, slurm_bin) -> None:
     console = recording_console()
-    submit_grid(make_grid(tmp_path, array_parallelism=3), executor="slurm", dry_run=True,
-                console=console)
+    submit_grid(
+        make_grid(tmp_path, array_parallelism=3), executor="slurm", dry_run=True, console=console
+    )
     assert "#SBATCH --array=0-3%3" in console.export_text()
 
 
@@ -143,8 +187,11 @@ def test_dry_run_shows_the_container_command(tmp_path: Path, slurm_bin) -> None:
 
 def test_pyxis_starts_submitit_in_the_image(tmp_path: Path, slurm_bin) -> None:
     grid = make_grid(tmp_path, seeds=2)
-    grid.container = {"runtime": "pyxis", "image": "nvcr.io#nvidia/pytorch:24.05",
-                      "env": {"A": "1"}}
+    grid.container = {
+        "runtime": "pyxis",
+        "image": "nvcr.io#nvidia/pytorch:24.05",
+        "env": {"A": "1"},
+    }
     console = recording_console()
     submit_grid(grid, executor="slurm", dry_run=True, console=console)
     script = console.export_text()
@@ -157,6 +204,7 @@ def test_pyxis_starts_submitit_in_the_image(tmp_path: Path, slurm_bin) -> None:
 
 
 # -- validation before anything is submitted ---------------------------------------------------
+
 
 def test_slurm_executor_without_sbatch_is_a_user_error(tmp_path: Path, slurm_bin) -> None:
     with pytest.raises(ConfigError) as error:
@@ -218,6 +266,7 @@ def test_sbatch_refusal_is_a_user_error(tmp_path: Path, slurm_bin) -> None:
 
 # -- submission with a stand-in sbatch --------------------------------------------------------
 
+
 def test_submit_queues_one_array_and_records_job_ids(tmp_path: Path, slurm_bin) -> None:
     slurm_bin("srun", "exit 0")
     slurm_bin("sbatch", f'cp "$1" {tmp_path}/submitted.sh; echo "Submitted batch job 42"')
@@ -236,6 +285,7 @@ def test_submit_queues_one_array_and_records_job_ids(tmp_path: Path, slurm_bin) 
 
 
 # -- which runs to submit ------------------------------------------------------------------------
+
 
 def test_select_runs_skips_done_and_live_runs(tmp_path: Path, slurm_bin) -> None:
     grid = make_grid(tmp_path, seeds=5)
@@ -266,13 +316,20 @@ def test_resubmitting_a_finished_grid_submits_nothing(tmp_path: Path, slurm_bin)
 
 # -- status ----------------------------------------------------------------------------------------
 
+
 def test_parse_sacct_expands_arrays_and_skips_steps() -> None:
-    text = ("42_0|COMPLETED|00:00:05\n42_1|CANCELLED by 0|00:00:09\n42_1.batch|CANCELLED|x\n"
-            "42_[2-3%2]|PENDING|00:00:00\n43|RUNNING|00:01:00\n")
+    text = (
+        "42_0|COMPLETED|00:00:05\n42_1|CANCELLED by 0|00:00:09\n42_1.batch|CANCELLED|x\n"
+        "42_[2-3%2]|PENDING|00:00:00\n43|RUNNING|00:01:00\n"
+    )
     jobs = scheduler.parse_sacct(text)
     assert {k: v.state for k, v in jobs.items()} == {
-        "42_0": "COMPLETED", "42_1": "CANCELLED", "42_2": "PENDING", "42_3": "PENDING",
-        "43": "RUNNING"}
+        "42_0": "COMPLETED",
+        "42_1": "CANCELLED",
+        "42_2": "PENDING",
+        "42_3": "PENDING",
+        "43": "RUNNING",
+    }
     assert jobs["42_0"].elapsed == "00:00:05" and jobs["42_2"].active
 
 
@@ -289,14 +346,27 @@ def test_status_joins_run_dirs_with_the_scheduler(tmp_path: Path, slurm_bin) -> 
     runs[3].update_state(job_id="42_3", state="running")  # killed before writing a result
     runs[4].update_state(job_id="40_0", state="running")  # forgotten by the scheduler
     runs[5].update_state(state="failed", error="loss became nan")
-    slurm_bin("sacct", "printf '42_0|COMPLETED|00:00:05\\n42_1|RUNNING|00:02:00\\n"
-                       "42_2|PENDING|00:00:00\\n42_3|TIMEOUT|00:01:00\\n'")
+    slurm_bin(
+        "sacct",
+        "printf '42_0|COMPLETED|00:00:05\\n42_1|RUNNING|00:02:00\\n"
+        "42_2|PENDING|00:00:00\\n42_3|TIMEOUT|00:01:00\\n'",
+    )
     slurm_bin("squeue", "printf '42_1|RUNNING|2:00\\n42_2|PENDING|0:00\\n'")
     rows = run_statuses(runs)
-    assert [row.state for row in rows] == ["done", "running", "queued", "failed", "interrupted",
-                                           "failed"]
+    assert [row.state for row in rows] == [
+        "done",
+        "running",
+        "queued",
+        "failed",
+        "interrupted",
+        "failed",
+    ]
     assert (rows[1].attempts, rows[1].requeues, rows[1].job_id, rows[1].elapsed) == (
-        2, 1, "42_1", "00:02:00")
+        2,
+        1,
+        "42_1",
+        "00:02:00",
+    )
     assert rows[3].note == "job TIMEOUT, no result"
     console = recording_console()
     assert show_status(tmp_path / "out", console=console) == 0
@@ -312,8 +382,9 @@ def test_status_without_a_scheduler_uses_run_dirs(tmp_path: Path, slurm_bin) -> 
     assert [row.state for row in run_statuses(runs)] == ["running", "pending"]
 
 
-def test_status_never_waits_on_a_hanging_scheduler(tmp_path: Path, slurm_bin,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_status_never_waits_on_a_hanging_scheduler(
+    tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runs = fake_runs(tmp_path, 1)
     runs[0].update_state(job_id="42_0", state="running")
     slurm_bin("sacct", "sleep 30")
@@ -338,9 +409,10 @@ def test_a_result_deleted_after_the_job_ended_reads_as_pending(tmp_path: Path, s
 
 # -- the task ------------------------------------------------------------------------------------
 
+
 def write_result_command(run_dir: Path) -> list[str]:
     """A stand-in 'container' command: a child process that writes the run's result."""
-    code = (f"import json; json.dump({RESULT!r}, open({str(run_dir / 'result.json')!r}, 'w'))")
+    code = f"import json; json.dump({RESULT!r}, open({str(run_dir / 'result.json')!r}, 'w'))"
     return [sys.executable, "-c", code]
 
 
@@ -382,18 +454,26 @@ def test_time_limit_signal_is_forwarded_to_the_container(tmp_path: Path) -> None
         signal.signal(signal.SIGUSR2, previous)
 
 
-def test_local_executor_runs_one_after_another(tmp_path: Path, slurm_bin,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_executor_runs_one_after_another(
+    tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
+) -> None:
     grid = make_grid(tmp_path, seeds=2, timeout_min=2)
-    monkeypatch.setattr("samat.launch.submit.container_commands", lambda cfg, specs, output: {
-        spec.run_id: write_result_command(spec.run_dir) for spec in specs})
+    monkeypatch.setattr(
+        "samat.launch.submit.container_commands",
+        lambda cfg, specs, output: {
+            spec.run_id: write_result_command(spec.run_dir) for spec in specs
+        },
+    )
     console = recording_console()
     assert submit_grid(grid, executor="auto", console=console) == 0
     lines = console.export_text().splitlines()
-    assert lines[0] == ("executor: local (no sbatch on PATH: runs go here, one per CPU core "
-                        "(or GPU) at a time)")
+    assert lines[0] == (
+        "executor: local (no sbatch on PATH: runs go here, one per CPU core (or GPU) at a time)"
+    )
     assert [line.split()[0:2] for line in lines if line.startswith("[")] == [
-        ["[1/2]", "done"], ["[2/2]", "done"]]
+        ["[1/2]", "done"],
+        ["[2/2]", "done"],
+    ]
     assert lines[-1] == f"2 of 2 runs done; results in {tmp_path / 'out'}"
     assert all(RunDir(s.run_dir).is_complete() for s in expand(grid))
 
@@ -403,8 +483,11 @@ def test_follow_refreshes_until_every_run_has_ended(tmp_path: Path, slurm_bin) -
     write_json(runs[0].file("result.json"), RESULT)
     runs[0].update_state(job_id="42_0", state="running")
     # the first look finds the task running, later ones find it completed
-    slurm_bin("sacct", f"if [ -e {tmp_path}/seen ]; then echo '42_0|COMPLETED|00:00:09'; "
-                       f"else touch {tmp_path}/seen; echo '42_0|RUNNING|00:00:01'; fi")
+    slurm_bin(
+        "sacct",
+        f"if [ -e {tmp_path}/seen ]; then echo '42_0|COMPLETED|00:00:09'; "
+        f"else touch {tmp_path}/seen; echo '42_0|RUNNING|00:00:01'; fi",
+    )
     console = recording_console()
     assert follow(runs, console=console, interval=0.05) == 0
     text = console.export_text()

@@ -15,11 +15,17 @@ def add_run(root, method, seed, natural=None, robust=None, state=None):
     rid = run_id(config)
     run = prepare(RunSpec(rid, config, "label-" + method["name"], root / "runs" / rid))
     if natural is not None:
-        write_json(run.file("result.json"), {
-            "run_id": rid, "natural": natural, "robust": robust,
-            "average_robust": sum(robust.values()) / len(robust),
-            "train_seconds": 1.5, "eval_seconds": 0.5,
-        })
+        write_json(
+            run.file("result.json"),
+            {
+                "run_id": rid,
+                "natural": natural,
+                "robust": robust,
+                "average_robust": sum(robust.values()) / len(robust),
+                "train_seconds": 1.5,
+                "eval_seconds": 0.5,
+            },
+        )
     if state:
         run.update_state(state=state, error="boom" if state == "failed" else None)
     return run
@@ -52,14 +58,24 @@ def test_json_rows_group_seeds(results):
     assert std["done"] == 2
     assert rows["label-sam"]["states"] == {"done": 1, "running": 1}
     assert rows["label-pgd_at"]["Natural"] is None and rows["label-pgd_at"]["states"] == {
-        "failed": 1}
+        "failed": 1
+    }
 
 
 def test_per_run_json_has_the_documented_fields(results):
     runs = json.loads(render(results, "json", per_run_json=True))
     assert len(runs) == 5
-    keys = {"run_id", "state", "seed", "config", "natural", "robust", "average_robust",
-            "train_seconds", "eval_seconds"}
+    keys = {
+        "run_id",
+        "state",
+        "seed",
+        "config",
+        "natural",
+        "robust",
+        "average_robust",
+        "train_seconds",
+        "eval_seconds",
+    }
     assert all(keys <= set(r) for r in runs)
     done = [r for r in runs if r["state"] == "done"]
     assert len(done) == 3 and all(0 <= r["natural"] <= 1 for r in done)

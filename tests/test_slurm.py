@@ -90,19 +90,26 @@ def wait_until_ended(job: str) -> dict[str, str]:
 
 
 def jobs_named(name: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-r", "-n", name, "-o", "%i"], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-n", name, "-o", "%i"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     return out.split()
 
 
-ARRAY_BASE = {**copy.deepcopy(TINY_BASE), "data": {"name": "digits", "train_size": 128,
-                                                   "test_size": 64}}
+ARRAY_BASE = {
+    **copy.deepcopy(TINY_BASE),
+    "data": {"name": "digits", "train_size": 128, "test_size": 64},
+}
 ARRAY_BASE["train"]["epochs"] = 1
-ARRAY_GRID = {"variants": [{"method.name": "standard"}, {"method.name": "sam",
-                                                        "method.rho": 0.1}],
-              "seeds": [0, 1],
-              "slurm": {"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 10,
-                        "array_parallelism": 2}}
+ARRAY_GRID = {
+    "variants": [{"method.name": "standard"}, {"method.name": "sam", "method.rho": 0.1}],
+    "seeds": [0, 1],
+    "slurm": {"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 10, "array_parallelism": 2},
+}
 
 
 def test_dry_run_prints_the_script_and_submits_nothing(tmp_path: Path) -> None:
@@ -152,7 +159,8 @@ def test_grid_runs_as_one_array_and_resubmits_only_what_is_missing(tmp_path: Pat
     assert "1 run to run, 3 skipped (3 done)" in resubmitted.output
     assert "(one task)" in resubmitted.output
     assert tasks_of(submitted_job(resubmitted.output)) == {
-        submitted_job(resubmitted.output): "COMPLETED"}
+        submitted_job(resubmitted.output): "COMPLETED"
+    }
     assert RunDir(redo.run_dir).is_complete()
     assert samat("status", out).output.strip().splitlines()[-1] == "4 runs: 4 done"
 
@@ -174,9 +182,18 @@ def test_time_limit_requeues_and_resumes_to_the_same_result(tmp_path: Path) -> N
     base["train"]["epochs"] = epochs_lasting(60, base, tmp_path)
     # SLURM checks time limits every 30 s and signals when at most signal_delay_s + ~30 s are
     # left: with 10 s a requeued attempt gets ~45 s of work, with 30 s only ~15 s.
-    grid_file = write_grid(tmp_path, "slurm-requeue", base, slurm={
-        "gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 1, "signal_delay_s": 10,
-        "max_num_timeout": 8})
+    grid_file = write_grid(
+        tmp_path,
+        "slurm-requeue",
+        base,
+        slurm={
+            "gpus_per_node": 0,
+            "cpus_per_task": 1,
+            "timeout_min": 1,
+            "signal_delay_s": 10,
+            "max_num_timeout": 8,
+        },
+    )
     result = samat("submit", grid_file)
     assert result.exit_code == 0, result.output
     job = submitted_job(result.output)

@@ -38,8 +38,10 @@ def test_result_counts_only_when_complete(tmp_path):
     assert not run.is_complete()
     run.file("result.json").write_text('{"run_id": "x", "natu')  # killed mid-write
     assert not run.is_complete()
-    write_json(run.file("result.json"),
-               {"run_id": "x", "natural": 0.9, "robust": {}, "average_robust": None})
+    write_json(
+        run.file("result.json"),
+        {"run_id": "x", "natural": 0.9, "robust": {}, "average_robust": None},
+    )
     assert run.is_complete()
 
 
@@ -71,8 +73,9 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path, damage):
     path = tmp_path / "c.safetensors"
     write_checkpoint(path, {"a": torch.ones(100)}, {"epoch": 1})
     raw = path.read_bytes()
-    path.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"\x00nonsense" * 9,
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"truncate": raw[: len(raw) // 2], "garbage": b"\x00nonsense" * 9, "empty": b""}[damage]
+    )
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(path)
     assert "corrupt" in str(info.value) and "delete it" in str(info.value)

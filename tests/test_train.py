@@ -48,8 +48,9 @@ def _weights(run: RunDir) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if not k.startswith("rng.")}
 
 
-@pytest.mark.parametrize("method", [{"name": "sam", "rho": 0.1},
-                                    {"name": "pgd_at", "eps": 0.1, "steps": 2}])
+@pytest.mark.parametrize(
+    "method", [{"name": "sam", "rho": 0.1}, {"name": "pgd_at", "eps": 0.1, "steps": 2}]
+)
 def test_resume_equals_uninterrupted(tmp_path, method):
     straight = make_run(tmp_path / "a", method=method)
     execute(straight.path)

@@ -15,10 +15,23 @@ QUERY_TIMEOUT_S = 30
 # SLURM's default MaxArraySize: array indices run from 0 to MaxArraySize - 1.
 DEFAULT_MAX_ARRAY_SIZE = 1001
 # Job states in which a task still has to run or is running (sacct and squeue spellings).
-ACTIVE_STATES = frozenset({
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-    "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD",
-})
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "CONFIGURING",
+        "COMPLETING",
+        "RESIZING",
+        "SUSPENDED",
+        "STOPPED",
+        "SIGNALING",
+        "STAGE_OUT",
+        "RESV_DEL_HOLD",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +47,9 @@ class JobInfo:
 def query(command: list[str]) -> str | None:
     """stdout of a scheduler command, or None when it is missing, fails or does not answer."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S,
-                              check=True)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout
@@ -67,8 +81,10 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
         if len(fields) < 2 or not fields[0] or "." in fields[0]:
             continue
         # 'CANCELLED by 0' -> 'CANCELLED'
-        info = JobInfo(fields[1].split()[0] if fields[1].strip() else "UNKNOWN",
-                       fields[2] if len(fields) > 2 else "")
+        info = JobInfo(
+            fields[1].split()[0] if fields[1].strip() else "UNKNOWN",
+            fields[2] if len(fields) > 2 else "",
+        )
         for parts in _job_id_parts(fields[0]):
             if len(parts) == 1:
                 jobs[parts[0]] = info
@@ -103,8 +119,9 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobInfo] | None:
     for job_id, info in parse_sacct(squeue or "").items():
         if job_id.split("_")[0] in bases:
             # sacct's elapsed time reads like the rest of the table ('00:01:02', not '1:02')
-            known[job_id] = JobInfo(info.state, known[job_id].elapsed if job_id in known
-                                    else info.elapsed)
+            known[job_id] = JobInfo(
+                info.state, known[job_id].elapsed if job_id in known else info.elapsed
+            )
     if sacct is None and squeue is None:
         return None
     return known

@@ -18,8 +18,14 @@ from samat.store import LOG, RunDir, find_runs
 
 # Seconds between two looks at the scheduler while following an array.
 FOLLOW_INTERVAL_S = 3.0
-STATE_STYLES = {"done": "green", "running": "cyan", "queued": "blue", "failed": "red",
-                "interrupted": "yellow", "pending": "dim"}
+STATE_STYLES = {
+    "done": "green",
+    "running": "cyan",
+    "queued": "blue",
+    "failed": "red",
+    "interrupted": "yellow",
+    "pending": "dim",
+}
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,9 @@ class RunStatus:
     ended: bool
 
 
-def combined_state(run: RunDir, state: dict[str, Any], jobs: dict[str, JobInfo] | None
-                   ) -> tuple[str, str]:
+def combined_state(
+    run: RunDir, state: dict[str, Any], jobs: dict[str, JobInfo] | None
+) -> tuple[str, str]:
     """(state, note) of a run from its directory and what the scheduler knows (None: no answer).
 
     The scheduler wins while a task is queued or running (a forced re-run of a finished run is
@@ -57,8 +64,10 @@ def combined_state(run: RunDir, state: dict[str, Any], jobs: dict[str, JobInfo] 
     if job is not None and job.state != "COMPLETED":
         return "failed", f"job {job.state}, no result"
     base = job_id.split("_")[0]
-    if jobs is not None and is_slurm_id(job_id) and not any(
-        known.split("_")[0] == base for known in jobs
+    if (
+        jobs is not None
+        and is_slurm_id(job_id)
+        and not any(known.split("_")[0] == base for known in jobs)
     ):
         # the scheduler has no such job (any more) and the run has no result: killed or lost
         return "interrupted", "no live job; submit again to resume"
@@ -75,15 +84,22 @@ def run_statuses(runs: list[RunDir]) -> list[RunStatus]:
     for run, state in zip(runs, states, strict=True):
         name, note = combined_state(run, state, jobs)
         job = (jobs or {}).get(str(state.get("job_id")))
-        rows.append(RunStatus(
-            run_id=run.run_id, label=state.get("label") or "-", seed=_seed(run), state=name,
-            attempts=int(state.get("attempts") or 0), requeues=int(state.get("requeues") or 0),
-            job_id=str(state.get("job_id") or "-"),
-            elapsed=job.elapsed if job and job.elapsed else _result_elapsed(run), note=note,
-            # without the scheduler's answer only the run directory can say a run is over
-            ended=name not in ("queued", "running") and (
-                jobs is not None or name in ("done", "failed")),
-        ))
+        rows.append(
+            RunStatus(
+                run_id=run.run_id,
+                label=state.get("label") or "-",
+                seed=_seed(run),
+                state=name,
+                attempts=int(state.get("attempts") or 0),
+                requeues=int(state.get("requeues") or 0),
+                job_id=str(state.get("job_id") or "-"),
+                elapsed=job.elapsed if job and job.elapsed else _result_elapsed(run),
+                note=note,
+                # without the scheduler's answer only the run directory can say a run is over
+                ended=name not in ("queued", "running")
+                and (jobs is not None or name in ("done", "failed")),
+            )
+        )
     return rows
 
 
@@ -110,14 +126,25 @@ def status_table(rows: list[RunStatus], title: str) -> Table:
     table = Table(title=title)
     for column in ("run id", "label", "seed", "state", "attempts", "requeues", "job id", "elapsed"):
         numeric = column in ("seed", "attempts", "requeues")
-        table.add_column(column, justify="right" if numeric else "left",
-                         no_wrap=column in ("run id", "job id", "elapsed"))
+        table.add_column(
+            column,
+            justify="right" if numeric else "left",
+            no_wrap=column in ("run id", "job id", "elapsed"),
+        )
     notes = any(row.note for row in rows)
     if notes:
         table.add_column("note", overflow="fold")
     for row in rows:
-        cells = [row.run_id, Text(row.label), row.seed, Text(row.state, STATE_STYLES[row.state]),
-                 str(row.attempts), str(row.requeues), row.job_id, row.elapsed]
+        cells = [
+            row.run_id,
+            Text(row.label),
+            row.seed,
+            Text(row.state, STATE_STYLES[row.state]),
+            str(row.attempts),
+            str(row.requeues),
+            row.job_id,
+            row.elapsed,
+        ]
         table.add_row(*cells, *([Text(row.note)] if notes else []))
     return table
 
@@ -155,8 +182,9 @@ def follow(runs: list[RunDir], *, console: Console, interval: float = FOLLOW_INT
     title = "following (Ctrl-C stops following, not the runs)"
     # a terminal watches the table change; a log file gets the final table once
     terminal = console.is_terminal
-    with Live(status_table(rows, title), console=console, auto_refresh=False,
-              transient=not terminal) as live:
+    with Live(
+        status_table(rows, title), console=console, auto_refresh=False, transient=not terminal
+    ) as live:
         while not all(row.ended for row in rows):
             time.sleep(interval)
             rows = run_statuses(runs)

@@ -40,7 +40,9 @@ def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
         "signal_delay_s": slurm.signal_delay_s,
     }
     optional = {
-        "partition": slurm.partition, "account": slurm.account, "qos": slurm.qos,
+        "partition": slurm.partition,
+        "account": slurm.account,
+        "qos": slurm.qos,
         "constraint": slurm.constraint,
         # --gpus-per-node=0 is refused where there is no GPU gres: ask only for a positive count
         "gpus_per_node": slurm.gpus_per_node or None,
@@ -74,13 +76,15 @@ def executor_settings(grid: GridConfig, output: Path) -> tuple[dict[str, Any], s
     return params, container.IMAGE_PYTHON
 
 
-def sbatch_script(params: dict[str, Any], folder: Path, count: int,
-                  python: str = shlex.quote(sys.executable)) -> str:
+def sbatch_script(
+    params: dict[str, Any], folder: Path, count: int, python: str = shlex.quote(sys.executable)
+) -> str:
     """The sbatch file submitit writes for an array of `count` tasks with these parameters."""
     # the same command line as SlurmExecutor._submitit_command_str
     command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder,
-                               map_count=count if count > 1 else None, **params)
+    return _make_sbatch_string(
+        command=command, folder=folder, map_count=count if count > 1 else None, **params
+    )
 
 
 def resolve_executor(executor: str, *, dry_run: bool = False) -> str:
@@ -120,18 +124,22 @@ def check_partition(partition: str | None) -> None:
         return
     unknown = [p for p in partition.split(",") if p not in known]
     if unknown:
-        raise ConfigError(f"unknown partition {unknown[0]!r} (slurm.partition); "
-                          f"this cluster has: {', '.join(known)}")
+        raise ConfigError(
+            f"unknown partition {unknown[0]!r} (slurm.partition); "
+            f"this cluster has: {', '.join(known)}"
+        )
 
 
-def container_commands(cfg: ContainerConfig, specs: list[RunSpec], output: Path
-                       ) -> dict[str, list[str]]:
+def container_commands(
+    cfg: ContainerConfig, specs: list[RunSpec], output: Path
+) -> dict[str, list[str]]:
     """Each run's container argv, by run id."""
     # with pyxis, srun starts submitit's whole process in the image: the run executes in it
     if cfg.runtime in ("none", "pyxis"):
         return {}
-    return {spec.run_id: container.task_command(cfg, spec.run_dir, output_root=output)
-            for spec in specs}
+    return {
+        spec.run_id: container.task_command(cfg, spec.run_dir, output_root=output) for spec in specs
+    }
 
 
 def select_runs(specs: list[RunSpec], *, force: bool = False) -> dict[str, str]:
@@ -151,8 +159,15 @@ def select_runs(specs: list[RunSpec], *, force: bool = False) -> dict[str, str]:
     return actions
 
 
-def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = False,
-                force: bool = False, wait: bool = False, console: Console) -> int:
+def submit_grid(
+    grid: GridConfig,
+    *,
+    executor: str = "auto",
+    dry_run: bool = False,
+    force: bool = False,
+    wait: bool = False,
+    console: Console,
+) -> int:
     """Validate, then submit a grid's unfinished runs; the exit code for the CLI.
 
     SLURM: one submitit array per MaxArraySize runs; returns once queued (or, with wait, when all
@@ -165,8 +180,10 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
     if kind == "slurm":
         check_partition(grid.slurm.partition)
     elif grid.container.runtime == "pyxis":
-        raise ConfigError("container.runtime 'pyxis' runs through SLURM's srun; use --executor "
-                          "slurm on the cluster, or runtime apptainer or docker for local runs")
+        raise ConfigError(
+            "container.runtime 'pyxis' runs through SLURM's srun; use --executor "
+            "slurm on the cluster, or runtime apptainer or docker for local runs"
+        )
     for warning in container.validate(grid.container):
         say(console, f"warning: {warning}")
     commands = container_commands(grid.container, specs, output)
@@ -185,8 +202,10 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
         if actions[spec.run_id] == "submit":
             run.update_state(state="pending", error=None)
     stops = {s.run_id: container.stop_command(grid.container, s.run_dir) for s in todo}
-    tasks = [RunTask(spec.run_dir, commands.get(spec.run_id), stops[spec.run_id] or None)
-             for spec in todo]
+    tasks = [
+        RunTask(spec.run_dir, commands.get(spec.run_id), stops[spec.run_id] or None)
+        for spec in todo
+    ]
     if kind == "local":
         say(console, _count_line(actions))
         return _run_local(grid, todo, tasks, output, console)
@@ -201,8 +220,11 @@ def submit_grid(grid: GridConfig, *, executor: str = "auto", dry_run: bool = Fal
 def _executor_line(asked: str, kind: str) -> str:
     if asked != "auto":
         return f"executor: {kind}"
-    why = ("sbatch on PATH" if kind == "slurm"
-           else "no sbatch on PATH: runs go here, one per CPU core (or GPU) at a time")
+    why = (
+        "sbatch on PATH"
+        if kind == "slurm"
+        else "no sbatch on PATH: runs go here, one per CPU core (or GPU) at a time"
+    )
     return f"executor: {kind} ({why})"
 
 
@@ -212,39 +234,51 @@ def _count_line(actions: dict[str, str]) -> str:
     skipped = len(actions) - counts["submit"]
     why = ", ".join(f"{n} {action}" for action, n in counts.items() if n and action != "submit")
     return f"{plural(counts['submit'], 'run')} to run, {skipped} skipped" + (
-        f" ({why})" if why else "")
+        f" ({why})" if why else ""
+    )
 
 
-def _submit_slurm(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path,
-                  console: Console) -> None:
+def _submit_slurm(
+    grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path, console: Console
+) -> None:
     params, python = executor_settings(grid, output)
-    executor = SlurmExecutor(folder=submitit_folder(output),
-                             max_num_timeout=grid.slurm.max_num_timeout, python=python)
+    executor = SlurmExecutor(
+        folder=submitit_folder(output), max_num_timeout=grid.slurm.max_num_timeout, python=python
+    )
     executor.update_parameters(**params)
     size = scheduler.max_array_size()
-    for chunk_specs, chunk_tasks in zip(array_chunks(specs, size), array_chunks(tasks, size),
-                                        strict=True):
+    for chunk_specs, chunk_tasks in zip(
+        array_chunks(specs, size), array_chunks(tasks, size), strict=True
+    ):
         try:
             jobs = executor.submit_array(chunk_tasks)
         except FailedJobError as error:
             reason = next((ln for ln in str(error).splitlines() if ln.strip()), "no message")
-            raise ConfigError(f"sbatch refused the job: {reason.strip()}; "
-                              "check the grid's slurm section") from None
+            raise ConfigError(
+                f"sbatch refused the job: {reason.strip()}; check the grid's slurm section"
+            ) from None
         for spec, job in zip(chunk_specs, jobs, strict=True):
             RunDir(spec.run_dir).update_state(job_id=job.job_id)
         array_id = jobs[0].job_id.split("_")[0]
-        shape = (f"array 0-{len(jobs) - 1}, at most {grid.slurm.array_parallelism} at a time"
-                 if len(jobs) > 1 else "one task")
+        shape = (
+            f"array 0-{len(jobs) - 1}, at most {grid.slurm.array_parallelism} at a time"
+            if len(jobs) > 1
+            else "one task"
+        )
         say(console, f"submitted SLURM job {array_id} ({shape})")
 
 
-def _run_local(grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path,
-               console: Console) -> int:
-    executor = LocalExecutor(folder=submitit_folder(output),
-                             max_num_timeout=grid.slurm.max_num_timeout)
-    executor.update_parameters(timeout_min=grid.slurm.timeout_min,
-                               signal_delay_s=grid.slurm.signal_delay_s,
-                               **_local_gpus(grid.slurm.gpus_per_node))
+def _run_local(
+    grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path, console: Console
+) -> int:
+    executor = LocalExecutor(
+        folder=submitit_folder(output), max_num_timeout=grid.slurm.max_num_timeout
+    )
+    executor.update_parameters(
+        timeout_min=grid.slurm.timeout_min,
+        signal_delay_s=grid.slurm.signal_delay_s,
+        **_local_gpus(grid.slurm.gpus_per_node),
+    )
     parallel, threads = local_slots(len(specs))
     # the tasks inherit this process's environment: small CPU runs go fastest one thread each
     os.environ.setdefault("SAMAT_NUM_THREADS", str(threads))
@@ -291,8 +325,15 @@ def _local_gpus(wanted: int) -> dict[str, Any]:
     return {"gpus_per_node": min(wanted, len(ids)), "visible_gpus": ids}
 
 
-def _print_dry_run(grid: GridConfig, specs: list[RunSpec], actions: dict[str, str], kind: str,
-                   output: Path, commands: dict[str, list[str]], console: Console) -> None:
+def _print_dry_run(
+    grid: GridConfig,
+    specs: list[RunSpec],
+    actions: dict[str, str],
+    kind: str,
+    output: Path,
+    commands: dict[str, list[str]],
+    console: Console,
+) -> None:
     todo = [spec for spec in specs if actions[spec.run_id] == "submit"]
     if kind == "slurm":
         params, python = executor_settings(grid, output)
@@ -302,8 +343,10 @@ def _print_dry_run(grid: GridConfig, specs: list[RunSpec], actions: dict[str, st
             say(console, f"# sbatch script {number} of {len(chunks)} ({runs}):")
             say(console, sbatch_script(params, submitit_folder(output), len(chunk), python))
     if todo and todo[0].run_id in commands:
-        say(console, f"each task runs its run in the container, e.g. "
-                     f"{shlex.join(commands[todo[0].run_id])}")
+        say(
+            console,
+            f"each task runs its run in the container, e.g. {shlex.join(commands[todo[0].run_id])}",
+        )
     table = Table(title=f"{plural(len(specs), 'run')} -> {output / 'runs'}")
     for column in ("run id", "label", "seed", "action"):
         table.add_column(column)

@@ -27,8 +27,9 @@ class RunTask(Checkpointable):
     process stays on the host, where `scontrol requeue` works.
     """
 
-    def __init__(self, run_dir: Path, container: list[str] | None = None,
-                 stop: list[str] | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, container: list[str] | None = None, stop: list[str] | None = None
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.container = container
         # docker/podman: the container runs under the engine, outside the job's processes, so
