@@ -106,6 +106,29 @@ class SAMMethod(Strict):
     eta: float = Field(default=0.01, ge=0)
 
 
+class ESAMMethod(Strict):
+    """Efficient SAM (Du et al. 2022): stochastic weight perturbation + sharpness-sensitive data
+    selection."""
+
+    name: Literal["esam"]
+    rho: PositiveBudget = 0.05
+    # SWP: each parameter tensor is perturbed with probability beta (and scaled by 1 / beta).
+    beta: float = Field(default=0.6, gt=0, le=1)
+    # SDS: the second pass uses the fraction gamma of the batch whose loss rose the most.
+    gamma: float = Field(default=0.5, gt=0, le=1)
+
+
+class LookSAMMethod(Strict):
+    """LookSAM (Liu et al. 2022): SAM's gradient every k steps, its stored orthogonal part reused
+    in between."""
+
+    name: Literal["looksam"]
+    rho: PositiveBudget = 0.05
+    k: int = Field(default=5, ge=1)
+    # weight of the reused orthogonal component, scaled by ||g|| / ||g_v|| (the paper's alpha)
+    alpha: float = Field(default=0.7, ge=0)
+
+
 class AdversarialMethod(Strict):
     """PGD adversarial training (Madry et al.) or FGSM with random start ('fast AT')."""
 
@@ -119,7 +142,8 @@ class AdversarialMethod(Strict):
 
 
 MethodConfig = Annotated[
-    StandardMethod | SAMMethod | AdversarialMethod, Field(discriminator="name")
+    StandardMethod | SAMMethod | ESAMMethod | LookSAMMethod | AdversarialMethod,
+    Field(discriminator="name"),
 ]
 
 
@@ -250,7 +274,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts union members (a tag such as 'sam', or a class name) into error locations
-    return part in ("standard", "sam", "asam", "pgd_at", "fgsm_at") or (
+    return part in ("standard", "sam", "asam", "esam", "looksam", "pgd_at", "fgsm_at") or (
         isinstance(part, str) and (part[:1].isupper() or part.startswith(("function-", "list[")))
     )
 
