@@ -78,33 +78,57 @@ def _load_specs(grid_file: Path) -> tuple[Any, list[RunSpec]]:
     return grid, specs
 
 
-def plan_table(specs: list[RunSpec]) -> Table:
+def plan_table(specs: list[RunSpec], actions: dict[str, Any] | None = None) -> Table:
     table = Table(title=f"{len(specs)} runs")
-    for column in ("run id", "method", "data", "model", "epochs", "seed", "attacks"):
+    columns = ["run id", "method", "data", "model", "epochs", "seed", "attacks"]
+    for column in [*columns, *(["will"] if actions is not None else [])]:
         table.add_column(column)
     for spec in specs:
         c = spec.config
         names = [a if isinstance(a, str) else a.label or a.attack for a in c.eval.attacks]
-        table.add_row(
-            spec.run_id,
-            spec.label,
-            c.data.name,
-            c.model.name,
-            str(c.train.epochs),
-            str(c.seed),
-            ", ".join(names),
-        )
+        cells = [spec.run_id, spec.label, c.data.name, c.model.name, str(c.train.epochs)]
+        cells += [str(c.seed), ", ".join(names)]
+        if actions is not None:
+            cells.append(actions[spec.run_id].describe())
+        table.add_row(*cells)
     return table
+
+
+def _add_data_commands() -> None:
+    from samat.datacheck import data  # click only: no torch
+
+    cli.add_command(data)
+
+
+_add_data_commands()
 
 
 @cli.command()
 @click.argument("grid_file", type=click.Path(path_type=Path))
 @user_errors
 def plan(grid_file: Path) -> None:
-    """Print the runs a grid expands to; submit nothing."""
-    grid, specs = _load_specs(grid_file)
-    console.print(plan_table(specs))
-    console.print(f"{len(specs)} runs -> {grid.output}")
+    """Print the runs a grid expands to and what a submit would do with each; submit nothing."""
+    from samat.launch.submit import _count_line, check_layout, select_runs
+
+    grid = load_grid(grid_file)
+    specs = expand(grid, str(grid_file))
+    try:
+        preflight(specs, str(grid_file))
+    except ConfigError as error:
+        if "data.root" not in str(error):
+            raise
+        # a grid for the cluster is planned on a laptop too: say so, submit refuses
+        click.echo(f"warning: {error}", err=True)
+    check_layout(Path(grid.output))
+    actions = select_runs(specs)
+    # a pipe or a log gets rich's 80 columns by default: too narrow for the plan
+    wide = console if console.is_terminal else Console(width=max(console.width, 160))
+    wide.print(plan_table(specs, actions))
+    console.print(
+        f"{len(specs)} runs -> {grid.output}: {_count_line(actions)}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @cli.command()
@@ -119,18 +143,92 @@ def plan(grid_file: Path) -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Print the sbatch script and the runs; submit nothing."
 )
-@click.option("--force", is_flag=True, help="Re-run finished runs too.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Retrain every run from epoch 0 (its old checkpoint, metrics and evaluations are moved "
+    "into replaced-<time>/ inside the run directory).",
+)
+@click.option(
+    "--retry-failed", is_flag=True, help="Also rerun runs that failed for a deterministic cause."
+)
 @click.option("--wait", is_flag=True, help="Block with a live status table until all runs end.")
 @user_errors
-def submit(grid_file: Path, executor: str, dry_run: bool, force: bool, wait: bool) -> None:
-    """Validate a grid, then run it as one SLURM array (or locally)."""
+def submit(
+    grid_file: Path, executor: str, dry_run: bool, force: bool, retry_failed: bool, wait: bool
+) -> None:
+    """Validate a grid, then run what is missing as one SLURM array (or locally): training for
+    untrained runs, evaluation only for trained runs with new attacks."""
     from samat.launch import submit_grid
 
     grid, _ = _load_specs(grid_file)
     code = submit_grid(
-        grid, executor=executor, dry_run=dry_run, force=force, wait=wait, console=console
+        grid,
+        executor=executor,
+        dry_run=dry_run,
+        force=force,
+        retry_failed=retry_failed,
+        wait=wait,
+        console=console,
     )
     sys.exit(code)
+
+
+@cli.command(name="eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option(
+    "--attack",
+    "attack_texts",
+    multiple=True,
+    required=True,
+    help="A preset name (pgd10_linf_1, aa_l2_32, stadv, paper, ...) or an inline spec in YAML "
+    "flow style: '{attack: pgd, norm: l2, eps: 32/255, steps: 20}'. Repeatable.",
+)
+@click.option("--n-examples", type=int, help="Attack this many test images (default: the run's).")
+@click.option(
+    "--executor",
+    type=click.Choice(["auto", "slurm", "local"]),
+    default="local",
+    show_default=True,
+    help="Where the evaluations run (slurm: one array over the runs).",
+)
+@user_errors
+def evaluate(
+    target: Path, attack_texts: tuple[str, ...], n_examples: int | None, executor: str
+) -> None:
+    """Evaluate trained runs with extra attacks, without editing the grid or retraining.
+
+    TARGET is a run directory, a grid's output directory, or a grid file. The attacks are added
+    to each run's evaluation request; each result is stored beside the run and shows in collect.
+    """
+    from samat.launch.submit import evaluate_runs
+
+    specs = parse_attacks(attack_texts)
+    sys.exit(
+        evaluate_runs(target, specs, n_examples=n_examples, executor=executor, console=console)
+    )
+
+
+def parse_attacks(texts: tuple[str, ...]) -> list[Any]:
+    """--attack values: preset or group names, or YAML flow mappings, checked like a grid's."""
+    import yaml
+
+    from samat import attacks
+    from samat.config import EvalConfig, format_validation_error
+
+    entries: list[Any] = []
+    for text in texts:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--attack {text!r} is not a preset name or a YAML mapping") from None
+        entries.append(value)
+    try:
+        request = EvalConfig.model_validate({"attacks": entries})
+    except ValueError as error:
+        raise ConfigError(format_validation_error(error, "--attack")) from None
+    attacks.resolve(request.attacks)
+    return list(request.attacks)
 
 
 @cli.command()
@@ -156,7 +254,21 @@ def run(target: Path, output: Path) -> None:
         spec = RunSpec(rid, config, method_label(config), output / "runs" / rid)
         preflight([spec], str(target))
         run_dir = prepare(spec).path
-    result = execute(run_dir)
+    import signal
+
+    from samat.evaluate import Interrupted, StopFlag
+    from samat.launch.task import EXIT_INTERRUPTED, time_limit_signal
+
+    # in a container under a launcher task, or a job script: the time-limit signal (forwarded)
+    # and SIGTERM stop at the next step boundary with the progress stored
+    flag = StopFlag()
+    for signum in (time_limit_signal(), signal.SIGTERM):
+        signal.signal(signum, flag.set)
+    try:
+        result = execute(run_dir, stop=flag)
+    except Interrupted as stopped:
+        click.echo(f"stopped by signal {stopped.signum}; progress stored in {run_dir}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     robust = ", ".join(f"{k} {v:.1%}" for k, v in result["robust"].items())
     console.print(
         f"run {result['run_id']}: natural {result['natural']:.1%}"

@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -147,22 +155,9 @@ MethodConfig = Annotated[
 ]
 
 
-class TrainConfig(Strict):
-    epochs: int = Field(default=100, ge=1)
-    batch_size: int = Field(default=128, ge=1)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    amp: bool = False
-    channels_last: bool = False
-    # Bitwise-reproducible kernels; slower on GPU, needed for exact resume checks.
-    deterministic: bool = False
-
-
-AttackName = Literal["fgsm", "pgd", "autoattack", "fab", "pixle", "square"]
-
-
 class AttackSpec(Strict):
-    attack: AttackName
+    # a kind in samat.attacks.kinds.KINDS: fgsm, pgd, autoattack, fab, square, pixle, stadv, ...
+    attack: str
     norm: Norm = "linf"
     eps: Budget = 8 / 255
     steps: int | None = Field(default=None, ge=1)
@@ -173,17 +168,67 @@ class AttackSpec(Strict):
     # Further keyword arguments for the torchattacks class (checked when the attack is built).
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("attack")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from samat.attacks.kinds import KINDS  # the attack registry (torch-free)
+
+        if value not in KINDS:
+            raise ValueError(f"unknown attack {value!r}; choose one of {', '.join(KINDS)}")
+        return value
+
+
+class ValidationConfig(Strict):
+    """A held-out part of the training set, evaluated every `every` epochs (Rice et al. 2020)."""
+
+    # Examples taken out of the training set (a fixed draw); 0 = no validation.
+    size: int = Field(default=0, ge=0)
+    every: int = Field(default=1, ge=1)
+    # None = PGD-10 at the adversarial-training method's norm and eps; clean accuracy for the
+    # other methods. Otherwise an attack spec or a preset name.
+    attack: AttackSpec | str | None = None
+    # FGSM-RS catastrophic overfitting: validation robust accuracy below this fraction of its best
+    # so far (Wong et al. 2020) is recorded with its epoch.
+    collapse_ratio: float = Field(default=0.5, gt=0, lt=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    amp: bool = False
+    channels_last: bool = False
+    # Bitwise-reproducible kernels; slower on GPU, needed for exact resume checks.
+    deterministic: bool = False
+    # Which weights the evaluations attack: the last epoch's, or the validation-best epoch's.
+    keep: Literal["last", "best"] = "last"
+    validation: ValidationConfig = Field(default_factory=lambda: ValidationConfig())
+
+    @model_validator(mode="after")
+    def _best_needs_validation(self) -> TrainConfig:
+        if self.keep == "best" and self.validation.size == 0:
+            raise ValueError(
+                "train.keep 'best' needs a validation split: set train.validation.size (e.g. 1000)"
+            )
+        return self
+
 
 class EvalConfig(Strict):
     # Entries are attack specs or names of presets (see samat.attacks.PRESETS).
     attacks: list[AttackSpec | str] = Field(default_factory=list)
-    # Robust accuracy on the first n test examples (clean accuracy always on the whole test set).
+    # Attacks run on n test examples: the first n, or n drawn with `subset_seed`. Clean accuracy
+    # is recorded on the whole test set and on these n.
     n_examples: int = Field(default=1000, ge=1)
+    subset_seed: int | None = None
     batch_size: int = Field(default=256, ge=1)
+    # Which checkpoint to attack; None = the one train.keep selects.
+    checkpoint: Literal["last", "best"] | None = None
 
 
 class RunConfig(Strict):
-    """Everything that determines one run; its hash is the run id."""
+    """One run: what determines the trained weights (its hash is the run id) plus `eval`, the
+    evaluation request, which is not part of the identity."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -61,6 +61,8 @@ class Dataset:
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
+    # held out of the training set for model selection (train.validation), when asked for
+    validation: Split | None = None
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -322,34 +324,61 @@ class DeviceLoader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (float32 images in [0, 1] [B, C, H, W], int64 labels) for one epoch."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (float32 images in [0, 1] [B, C, H, W], int64 labels) for one epoch, from batch
+        `start` on (a run resumed mid-epoch gets exactly the batches it had not seen)."""
         # Draws happen on the CPU so that the batches do not depend on the device either.
         key = hashlib.blake2b(f"{self.seed}:{epoch}".encode(), digest_size=8).digest()
         gen = _generator(int.from_bytes(key, "little") >> 1)
         n = len(self.labels)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         order = order.to(self.images.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
-            images = self._augment(self.images[index], gen)
+        for step, begin in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
+            index = order[begin : begin + self.batch_size]
+            draws = self._draws(len(index), gen)
+            if step < start:
+                continue
+            images = self._augment(self.images[index], draws)
             images = images.float().div_(255)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, self.labels[index]
 
-    def _augment(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        b, _, h, w = images.shape
+    def _draws(self, b: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The batch's random crop offsets (each in 0..2p) and flips, drawn in a fixed order."""
+        draws = {}
         if self.crop_padding:
+            draws["offsets"] = torch.randint(0, 2 * self.crop_padding + 1, (2, b, 1), generator=gen)
+        if self.flip:
+            draws["flip"] = torch.rand(b, generator=gen) < 0.5
+        return draws
+
+    def _augment(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        b, _, h, w = images.shape
+        if "offsets" in draws:
             p = self.crop_padding
             padded = F.pad(images, (p, p, p, p))
-            dy, dx = torch.randint(0, 2 * p + 1, (2, b, 1), generator=gen).to(images.device)
+            dy, dx = draws["offsets"].to(images.device)
             rows = (dy + torch.arange(h, device=images.device))[:, :, None]
             cols = (dx + torch.arange(w, device=images.device))[:, None, :]
             batch = torch.arange(b, device=images.device)[:, None, None]
             # Advanced indexing around the channel slice yields [B, H, W, C].
             images = padded[batch, :, rows, cols].permute(0, 3, 1, 2)
-        if self.flip:
-            mask = (torch.rand(b, generator=gen) < 0.5).to(images.device)
+        if "flip" in draws:
+            mask = draws["flip"].to(images.device)
             images = torch.where(mask[:, None, None, None], images.flip(3), images)
         return images
+
+
+def split_validation(split: Split, size: int) -> tuple[Split, Split]:
+    """(train, validation): `size` examples held out by a fixed draw, the same for every run."""
+    if size >= len(split.labels):
+        raise ConfigError(
+            f"train.validation.size {size} leaves no training examples out of "
+            f"{len(split.labels)}; lower it"
+        )
+    order = torch.randperm(len(split.labels), generator=_generator(DATA_SEED + 1))
+    held, kept = order[:size].sort().values, order[size:].sort().values
+    return Split(split.images[kept], split.labels[kept]), Split(
+        split.images[held], split.labels[held]
+    )

@@ -29,12 +29,16 @@ class RunSpec:
 
 
 def canonical_json(config: RunConfig) -> str:
-    """The resolved config as JSON with sorted keys: equal configs give equal text."""
-    return json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """The training identity (the resolved config without `eval`) as JSON with sorted keys:
+    configs that train the same weights give equal text."""
+    identity = config.model_dump(mode="json", exclude={"eval"})
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"))
 
 
 def run_id(config: RunConfig) -> str:
-    """Short hash of the canonical resolved config (key order and number spelling do not matter)."""
+    """Short hash of the training identity: data, model, method, train and seed. The evaluation
+    request is not part of it, so adding an attack to a grid maps to the same (trained) runs;
+    key order and number spelling do not matter."""
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]
 
 

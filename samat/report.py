@@ -17,6 +17,9 @@ from samat.grid import group_id, method_label
 from samat.store import RunDir, find_runs
 
 NATURAL, AVERAGE = "Natural", "Average"
+# clean accuracy on the attacked images (the first n, or n drawn), shown when it differs from the
+# whole test set's, so that a row's robust columns sit beside the clean accuracy of their images
+SUBSET = "Natural (attacked)"
 
 
 @dataclass
@@ -55,6 +58,8 @@ def _column_value(result: dict[str, Any], column: str) -> float | None:
         return result["natural"]
     if column == AVERAGE:
         return result["average_robust"]
+    if column == SUBSET:
+        return result.get("natural_subset")
     return result["robust"].get(column)
 
 
@@ -104,10 +109,14 @@ def group_rows(records: list[RunRecord]) -> list[Row]:
 def columns(records: list[RunRecord]) -> list[str]:
     """Natural, then every attack label in first-seen order, then Average."""
     seen: dict[str, None] = {}
+    subset = False
     for record in records:
-        for label in (record.result or {}).get("robust", {}):
+        result = record.result or {}
+        for label in result.get("robust", {}):
             seen.setdefault(label, None)
-    return [NATURAL, *seen, AVERAGE]
+        if result.get("robust") and result.get("natural_subset") not in (None, result["natural"]):
+            subset = True
+    return [NATURAL, *([SUBSET] if subset else []), *seen, AVERAGE]
 
 
 def summarize(values: list[float]) -> tuple[float, float] | None:
@@ -174,10 +183,15 @@ def per_run(records: list[RunRecord]) -> list[dict[str, Any]]:
                 "seed": r.seed,
                 "config": r.config,
                 "natural": res.get("natural"),
+                "natural_subset": res.get("natural_subset"),
                 "robust": res.get("robust", {}),
                 "average_robust": res.get("average_robust"),
                 "train_seconds": res.get("train_seconds"),
                 "eval_seconds": res.get("eval_seconds"),
+                "robust_examples": res.get("robust_examples"),
+                "checkpoint": res.get("checkpoint"),
+                "checkpoint_epoch": res.get("checkpoint_epoch"),
+                "catastrophic_overfitting_epoch": res.get("catastrophic_overfitting_epoch"),
             }
         )
     return out

@@ -1,7 +1,9 @@
-"""One run, top to bottom: data, model, method, epochs with checkpoints, evaluation, result.json."""
+"""One run, top to bottom: set up, train (epochs with checkpoints at step boundaries), evaluate
+(the requested evaluations that have no record), result.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -16,11 +18,13 @@ import torch
 from rich.progress import Progress, TimeElapsedColumn
 
 from samat import __version__, attacks, methods, models
-from samat.config import ConfigError, OptimizerConfig, RunConfig, ScheduleConfig
-from samat.data import DeviceLoader, load_dataset
+from samat.config import AttackSpec, ConfigError, OptimizerConfig, RunConfig, ScheduleConfig
+from samat.data import DeviceLoader, Split, load_dataset, split_validation
+from samat.evaluate import Interrupted, StopFlag, clean_accuracy, evaluate_run
 from samat.grid import run_id
 from samat.store import (
     CHECKPOINT,
+    CHECKPOINT_BEST,
     LOG,
     RESULT,
     RunDir,
@@ -65,9 +69,18 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def thread_count() -> int:
+    """Threads for this run: SAMAT_NUM_THREADS (local runs side by side), else the SLURM
+    allocation's CPUs (a task uses exactly what it was given), else torch's default (0)."""
+    for name in ("SAMAT_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
 def _set_determinism(config: RunConfig) -> None:
-    # Small CPU models run fastest on one thread each, several runs side by side (see launch.py).
-    threads = int(os.environ.get("SAMAT_NUM_THREADS", "0"))
+    threads = thread_count()
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
@@ -80,8 +93,12 @@ def _set_determinism(config: RunConfig) -> None:
 
 
 def build(config: RunConfig, device: torch.device) -> tuple[Any, torch.nn.Module]:
-    """The data set and the model (normalization first, on the device) for a run config."""
+    """The data set and the model (normalization first, on the device) for a run config; with a
+    validation split, `dataset.train` is what is left of the training set after it."""
     dataset = load_dataset(config.data)
+    if config.train.validation.size:
+        train, validation = split_validation(dataset.train, config.train.validation.size)
+        dataset = dataclasses.replace(dataset, train=train, validation=validation)
     images = dataset.train.images
     model = models.create(
         config.model.name,
@@ -133,7 +150,9 @@ def restore_checkpoint(
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
-            slots.setdefault(int(index), {})[name] = value.to(device)
+            # scalars such as Adam's `step` stay on the CPU, where PyTorch keeps them (on the GPU
+            # every optimizer step would read them back: a sync per parameter)
+            slots.setdefault(int(index), {})[name] = value.to(device) if value.dim() else value
     for index, values in meta["optim_scalars"].items():
         slots.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
@@ -143,12 +162,44 @@ def restore_checkpoint(
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
 
 
+def _method_state(method: methods.Method) -> dict[str, torch.Tensor]:
+    # methods with state between steps (LookSAM's stored gradient component) checkpoint it too
+    state = method.state_dict() if hasattr(method, "state_dict") else {}
+    return {f"method.{k}": v for k, v in state.items()}
+
+
+def _restore_method(method: methods.Method, tensors: dict[str, torch.Tensor]) -> None:
+    state = {k[7:]: v for k, v in tensors.items() if k.startswith("method.")}
+    if state and hasattr(method, "load_state_dict"):
+        method.load_state_dict(state)
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training stands: epochs done, batches done in the next one, and the running totals
+    (kept in the checkpoint, so a resumed run reports what an uninterrupted one would)."""
+
+    epoch: int = 0
+    step: int = 0
+    totals: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"train_seconds": 0.0, "images": 0, "steps": 0}
+    )
+    # sums of the epoch in progress (loss, correct, seen, seconds), for a mid-epoch resume
+    partial: dict[str, float] = dataclasses.field(default_factory=dict)
+    best: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def _resume(
-    run: RunDir, config: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, dict[str, Any]]:
+    run: RunDir,
+    config: RunConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: methods.Method,
+) -> Position:
     path = run.file(CHECKPOINT)
     if not path.exists():
-        return 0, {}
+        run.truncate_metrics(0)
+        return Position()
     tensors, meta = read_checkpoint(path)
     if meta.get("run_id") != run_id(config):
         raise ConfigError(
@@ -156,33 +207,62 @@ def _resume(
             "delete it or use a fresh output directory"
         )
     restore_checkpoint(tensors, meta, model, optimizer)
-    log.info("resumed from epoch %d (checkpoint %s)", meta["epoch"], path)
-    return meta["epoch"], meta.get("totals", {})
+    _restore_method(method, tensors)
+    position = Position(
+        epoch=meta["epoch"],
+        step=meta.get("step", 0),
+        totals={**Position().totals, **meta.get("totals", {})},
+        partial=meta.get("partial", {}),
+        best=meta.get("best", {}),
+    )
+    run.truncate_metrics(position.epoch)
+    if position.epoch < config.train.epochs or position.step:
+        where = f"epoch {position.epoch}" + (f" step {position.step}" if position.step else "")
+        log.info("resumed from %s (checkpoint %s)", where, path)
+    return position
+
+
+def _save(
+    run: RunDir,
+    config: RunConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: methods.Method,
+    position: Position,
+) -> None:
+    tensors, meta = checkpoint_tensors(model, optimizer)
+    tensors.update(_method_state(method))
+    write_checkpoint(
+        run.file(CHECKPOINT),
+        tensors,
+        {
+            **meta,
+            "epoch": position.epoch,
+            "step": position.step,
+            "run_id": run_id(config),
+            "samat": __version__,
+            "totals": position.totals,
+            "partial": position.partial,
+            "best": position.best,
+        },
+    )
 
 
 # -- the run -------------------------------------------------------------------------------------
 
 
 def accuracy(model: torch.nn.Module, loader: DeviceLoader) -> float:
-    """Clean top-1 accuracy over a whole split."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in loader.epoch(0):
-            correct += (model(images).argmax(1) == labels).sum().item()
-            total += labels.numel()
-    model.train(was_training)
+    """Clean top-1 accuracy over a whole split, in eval mode (the mode is restored)."""
+    correct, total = clean_accuracy(model, loader)
     return correct / total
 
 
-def _slurm_job_id() -> dict[str, str]:
-    """The job id as squeue/sacct name it ('12_3' for an array task), when running under SLURM."""
+def slurm_job_id() -> str | None:
+    """The job id as squeue/sacct name it ('12_3' for an array task), inside a SLURM job."""
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array and task:
-        return {"job_id": f"{array}_{task}"}
-    job = os.environ.get("SLURM_JOB_ID")
-    return {"job_id": job} if job else {}
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
 
 
 def _progress_bar() -> Progress | None:
@@ -194,8 +274,16 @@ def _progress_bar() -> Progress | None:
     return bar
 
 
-def execute(run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) one run from its directory; write result.json and return it."""
+def execute(
+    run_dir: Path, *, job_id: str | None = None, stop: StopFlag | None = None
+) -> dict[str, Any]:
+    """Bring one run directory up to date: train if the checkpoint is not final, then evaluate
+    the requested evaluations that have no record; write result.json and return it.
+
+    `job_id` is the scheduler's id of the task doing this (None outside a launcher task). When
+    `stop` is set (a time-limit or preemption signal), training checkpoints at the next step
+    boundary and evaluation stores the batch in progress; then `Interrupted` is raised.
+    """
     run = RunDir(run_dir)
     config = run.config()
     handler = logging.FileHandler(run.file(LOG))
@@ -204,170 +292,314 @@ def execute(run_dir: Path) -> dict[str, Any]:
     logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)  # the run's log file always gets the epoch lines
-    attempts = run.state()["attempts"] + 1
-    run.update_state(
-        state="running", attempts=attempts, error=None, host=socket.gethostname(), **_slurm_job_id()
-    )
+    run.clean_temp_files()
+    run.mark_running(socket.gethostname(), job_id)
     try:
-        result = _train_and_evaluate(run, config)
+        device = pick_device()
+        _set_determinism(config)
+        dataset, model = build(config, device)
+        totals, method = train(run, config, dataset, model, device, stop)
+        checkpoint = _select_checkpoint(run, config, model)
+        records = evaluate_run(
+            run,
+            config,
+            model,
+            dataset.test,
+            num_classes=dataset.num_classes,
+            checkpoint=checkpoint,
+            stop=stop,
+        )
+        result = _result(run, config, records, totals, method, checkpoint, device)
+    except Interrupted:
+        log.info("stopped: progress is stored; the next attempt resumes from it")
+        raise
     except BaseException as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if isinstance(error, Exception):
-            run.update_state(state="failed", error=message)
+            run.mark_failed(message, deterministic=isinstance(error, ConfigError))
         raise
     finally:
         logger.removeHandler(handler)
         handler.close()
-    run.update_state(state="done", error=None)
+    run.mark_done()
     return result
 
 
-def _train_and_evaluate(run: RunDir, config: RunConfig) -> dict[str, Any]:
-    device = pick_device()
-    _set_determinism(config)
-    dataset, model = build(config, device)
-    specs = attacks.resolve(config.eval.attacks)
-    train = config.train
-    optimizer = make_optimizer(train.optimizer, model)
-    method = methods.create(config.method, optimizer, amp=train.amp)
-    start, totals = _resume(run, config, model, optimizer)
+def train(
+    run: RunDir,
+    config: RunConfig,
+    dataset: Any,
+    model: torch.nn.Module,
+    device: torch.device,
+    stop: StopFlag | None = None,
+) -> tuple[dict[str, float], methods.Method]:
+    """Epochs from the checkpoint's position to the last; the final checkpoint is left as it is
+    when training was already complete (an eval-only task rewrites nothing)."""
+    train_cfg = config.train
+    optimizer = make_optimizer(train_cfg.optimizer, model)
+    method = methods.create(config.method, optimizer, amp=train_cfg.amp)
+    position = _resume(run, config, model, optimizer, method)
+    if position.epoch >= train_cfg.epochs:
+        if not run.state().trained:
+            run.mark_trained()
+        return position.totals, method
     loader = DeviceLoader(
         dataset.train,
-        train.batch_size,
+        train_cfg.batch_size,
         device=device,
         shuffle=True,
         seed=config.seed,
         crop_padding=dataset.crop_padding,
         flip=dataset.flip,
-        channels_last=train.channels_last,
+        channels_last=train_cfg.channels_last,
     )
-    totals = {"train_seconds": 0.0, "images": 0, "steps": 0, **totals}
     log.info(
         "run %s: %s on %s, %d epochs from epoch %d, device %s",
         run.run_id,
         config.method.name,
         config.data.name,
-        train.epochs,
-        start,
+        train_cfg.epochs,
+        position.epoch,
         device,
     )
     bar = _progress_bar()
     task = (
         bar.add_task(
-            f"{config.method.name} seed {config.seed}", total=(train.epochs - start) * len(loader)
+            f"{config.method.name} seed {config.seed}",
+            total=(train_cfg.epochs - position.epoch) * len(loader) - position.step,
         )
         if bar
         else None
     )
-    for epoch in range(start, train.epochs):
-        lr = train.optimizer.lr * lr_factor(train.schedule, epoch, train.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        began, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for step, (images, labels) in enumerate(loader.epoch(epoch)):
-            out = method.step(model, images, labels)
-            loss = out.loss.item()
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss} at epoch {epoch + 1} step {step + 1}; "
-                    "lower train.optimizer.lr (or method.rho / eps) and resubmit"
-                )
-            loss_sum += loss * labels.numel()
-            correct += (out.logits.argmax(1) == labels).sum().item()
-            seen += labels.numel()
-            if bar:
-                bar.update(
-                    task,
-                    advance=1,
-                    description=f"epoch {epoch + 1}/{train.epochs} loss {loss_sum / seen:.3f}",
-                )
-        seconds = time.perf_counter() - began
-        totals["train_seconds"] += seconds
-        totals["images"] += seen
-        totals["steps"] += len(loader)
-        record = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
-            "seconds": seconds,
-            "images_per_second": seen / seconds,
-        }
-        run.append_metrics(record)
-        tensors, meta = checkpoint_tensors(model, optimizer)
-        write_checkpoint(
-            run.file(CHECKPOINT),
-            tensors,
-            {
-                **meta,
-                "epoch": epoch + 1,
-                "run_id": run_id(config),
-                "samat": __version__,
-                "totals": totals,
-            },
-        )
-        log.info(
-            "epoch %d/%d loss %.4f train-acc %.4f lr %.4g %.1fs (%.0f img/s)",
-            epoch + 1,
-            train.epochs,
-            record["loss"],
-            record["train_accuracy"],
-            lr,
-            seconds,
-            record["images_per_second"],
+    try:
+        while position.epoch < train_cfg.epochs:
+            record = _epoch(
+                run, config, model, optimizer, method, loader, position, stop, (bar, task)
+            )
+            record.update(_validate(run, config, dataset, model, position))
+            run.append_metrics(record)
+            _save(run, config, model, optimizer, method, position)
+            log.info(
+                "epoch %d/%d loss %.4f train-acc %.4f lr %.4g %.1fs (%.0f img/s)%s",
+                record["epoch"],
+                train_cfg.epochs,
+                record["loss"],
+                record["train_accuracy"],
+                record["lr"],
+                record["seconds"],
+                record["images_per_second"],
+                "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("val_")),
+            )
+    finally:
+        if bar:
+            bar.stop()
+    run.mark_trained()
+    return position.totals, method
+
+
+NAN_CHECK_EVERY = 8  # steps between two reads of the device-side NaN flag
+
+
+def _epoch(
+    run: RunDir,
+    config: RunConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: methods.Method,
+    loader: DeviceLoader,
+    position: Position,
+    stop: StopFlag | None,
+    progress: tuple[Progress | None, Any],
+) -> dict[str, Any]:
+    """One epoch from `position.step`; loss and accuracy summed on the device and read once."""
+    epochs, epoch = config.train.epochs, position.epoch
+    lr = config.train.optimizer.lr * lr_factor(config.train.schedule, epoch, epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    device = next(model.parameters()).device
+    partial = position.partial or {}
+    loss_sum = torch.tensor(float(partial.get("loss", 0.0)), device=device, dtype=torch.float64)
+    correct = torch.tensor(int(partial.get("correct", 0)), device=device)
+    seen, spent = int(partial.get("seen", 0)), float(partial.get("seconds", 0.0))
+    first_bad = torch.tensor(-1, device=device)
+    began = time.perf_counter()
+    bar, task = progress
+    step = position.step
+    for step, (images, labels) in enumerate(loader.epoch(epoch, position.step), position.step):
+        out = method.step(model, images, labels)
+        loss = out.loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        loss_sum += loss.double() * labels.numel()
+        correct += (out.logits.argmax(1) == labels).sum()
+        seen += labels.numel()
+        if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == len(loader):
+            _nan_guard(first_bad, epoch)
+        if bar:
+            bar.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs}")
+        if stop is not None and stop.signum is not None and step + 1 < len(loader):
+            _nan_guard(first_bad, epoch)
+            position.step = step + 1
+            position.partial = {
+                "loss": float(loss_sum),
+                "correct": int(correct),
+                "seen": seen,
+                "seconds": spent + time.perf_counter() - began,
+            }
+            _save(run, config, model, optimizer, method, position)
+            log.info("checkpointed at epoch %d step %d on signal %s", epoch, step + 1, stop.signum)
+            raise Interrupted(stop.signum)
+    seconds = spent + time.perf_counter() - began
+    position.totals["train_seconds"] += seconds
+    position.totals["images"] += seen
+    position.totals["steps"] += len(loader)
+    position.epoch, position.step, position.partial = epoch + 1, 0, {}
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "loss": float(loss_sum) / seen,
+        "train_accuracy": int(correct) / seen,
+        "seconds": seconds,
+        "images_per_second": seen / max(seconds, 1e-9),
+    }
+
+
+def _nan_guard(first_bad: torch.Tensor, epoch: int) -> None:
+    bad = int(first_bad)  # the one host read, every few steps
+    if bad >= 0:
+        raise TrainingError(
+            f"loss became NaN or inf at epoch {epoch + 1} step {bad + 1}; "
+            "lower train.optimizer.lr (or method.rho / eps) and resubmit"
         )
 
-    if bar:
-        bar.stop()
-    began = time.perf_counter()
-    test = DeviceLoader(dataset.test, config.eval.batch_size, device=device, shuffle=False)
-    natural = accuracy(model, test)
-    n = min(config.eval.n_examples, len(dataset.test.labels))
-    images = dataset.test.images[:n].to(device).float().div(255)
-    labels = dataset.test.labels[:n].to(device)
-    robust = (
-        attacks.evaluate(
+
+def validation_attack(config: RunConfig) -> AttackSpec | None:
+    """The validation's attack: the grid's, or PGD-10 at the adversarial-training budget; None =
+    clean accuracy (methods without an attack budget)."""
+    chosen = config.train.validation.attack
+    if chosen is not None:
+        return attacks.resolve([chosen])[0]
+    method = config.method
+    if method.name in ("pgd_at", "fgsm_at"):
+        return AttackSpec(attack="pgd", norm=method.norm, eps=method.eps, steps=10)
+    return None
+
+
+def _validate(
+    run: RunDir, config: RunConfig, dataset: Any, model: torch.nn.Module, position: Position
+) -> dict[str, Any]:
+    """Every `validation.every` epochs: clean and robust accuracy on the held-out split; keeps the
+    best weights (train.keep: best) and records a robust-accuracy collapse (FGSM-RS's
+    catastrophic overfitting) with its epoch."""
+    validation = config.train.validation
+    epoch = position.epoch
+    if dataset.validation is None or (epoch % validation.every and epoch != config.train.epochs):
+        return {}
+    device = next(model.parameters()).device
+    split: Split = dataset.validation
+    out = {
+        "val_accuracy": accuracy(
+            model, DeviceLoader(split, config.eval.batch_size, device=device, shuffle=False)
+        )
+    }
+    spec = validation_attack(config)
+    if spec is not None:
+        images = split.images.float().div(255)
+        out["val_robust"] = attacks.evaluate(
             model,
             images,
-            labels,
-            specs,
+            split.labels,
+            [spec],
             batch_size=config.eval.batch_size,
             num_classes=dataset.num_classes,
             seed=config.seed,
-            on_batch=lambda label, done, total: log.info("attack %s: %d/%d", label, done, total),
+        )[attacks.label(spec)]
+    score = out.get("val_robust", out["val_accuracy"])
+    best = position.best
+    collapsed = best and spec is not None and score < validation.collapse_ratio * best["score"]
+    if collapsed and run.state().catastrophic_overfitting_epoch is None:
+        run.record_overfitting(epoch)
+        log.warning(
+            "validation robust accuracy collapsed at epoch %d (%.4f, best %.4f): "
+            "catastrophic overfitting",
+            epoch,
+            score,
+            best["score"],
         )
-        if specs
-        else {}
-    )
-    eval_seconds = time.perf_counter() - began
-    for label, value in robust.items():
-        log.info("robust accuracy %s: %.4f", label, value)
+    if not best or score > best["score"]:
+        position.best = {"epoch": epoch, "score": score}
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        write_checkpoint(
+            run.file(CHECKPOINT_BEST),
+            tensors,
+            {"epoch": epoch, "score": score, "run_id": run_id(config), "samat": __version__},
+        )
+    return out
+
+
+def _select_checkpoint(run: RunDir, config: RunConfig, model: torch.nn.Module) -> str:
+    """'last' (the weights in memory) or 'best' (loaded from checkpoint-best)."""
+    chosen = config.eval.checkpoint or config.train.keep
+    if chosen == "best":
+        path = run.file(CHECKPOINT_BEST)
+        if not path.exists():
+            raise ConfigError(
+                f"{path} is missing: eval.checkpoint 'best' needs train.validation.size > 0 "
+                "and keep 'best' when the run trains"
+            )
+        tensors, meta = read_checkpoint(path)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        log.info("evaluating the validation-best weights of epoch %d", meta["epoch"])
+    return chosen
+
+
+def _result(
+    run: RunDir,
+    config: RunConfig,
+    records: dict[str, dict[str, Any]],
+    totals: dict[str, float],
+    method: methods.Method,
+    checkpoint: str,
+    device: torch.device,
+) -> dict[str, Any]:
+    robust = {
+        label: r["accuracy"]
+        for label, r in records.items()
+        if label not in ("natural", "natural_subset")
+    }
+    eval_seconds = sum(r.get("seconds", 0.0) for r in records.values())
+    best = read_checkpoint(run.file(CHECKPOINT_BEST))[1] if checkpoint == "best" else None
     result = {
         "run_id": run.run_id,
         "seed": config.seed,
         "method": config.method.name,
-        "natural": natural,
+        "natural": records["natural"]["accuracy"],
+        "natural_subset": records["natural_subset"]["accuracy"],
         "robust": robust,
         "average_robust": sum(robust.values()) / len(robust) if robust else None,
-        "robust_examples": n if specs else 0,
+        "robust_examples": records["natural_subset"]["total"] if robust else 0,
+        "checkpoint": checkpoint,
+        "checkpoint_epoch": best["epoch"] if best else config.train.epochs,
+        "catastrophic_overfitting_epoch": run.state().catastrophic_overfitting_epoch,
         "train_seconds": totals["train_seconds"],
         "eval_seconds": eval_seconds,
         "images_per_second": totals["images"] / max(totals["train_seconds"], 1e-9),
         "forward_backward_passes": totals["steps"] * method.passes_per_step,
         "passes_per_step": method.passes_per_step,
-        "epochs": train.epochs,
+        "epochs": config.train.epochs,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {
             "samat": __version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
+        "records": {label: r["key"] for label, r in records.items()},
+        "request": run.request_key(),
     }
     write_json(run.file(RESULT), result)
     log.info(
         "natural accuracy %.4f; done in %.1fs train + %.1fs eval",
-        natural,
+        result["natural"],
         totals["train_seconds"],
         eval_seconds,
     )

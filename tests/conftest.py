@@ -41,3 +41,36 @@ TINY_BASE: dict[str, Any] = {
         "attacks": [{"attack": "fgsm", "norm": "linf", "eps": 0.1, "label": "FGSM"}],
     },
 }
+
+
+def set_state(run, **fields: Any) -> None:
+    """Write state.json fields directly, as a scheduler's side effects would leave them (tests
+    only: samat itself changes a run's state through RunDir's transitions)."""
+    from samat.store import write_json
+
+    write_json(run.file("state.json"), {**run.state().to_json(), **fields})
+
+
+def finish(run, accuracy: float = 0.5) -> dict[str, Any]:
+    """Leave a run directory as a finished task does: trained, one record per requested
+    evaluation, and a result.json answering the current request."""
+    from samat.store import record_keys, write_json
+
+    config = run.config()
+    keys = record_keys(config)
+    for label, key in keys.items():
+        run.write_eval_record({"key": key, "label": label, "accuracy": accuracy, "total": 10})
+    robust = {label: accuracy for label in keys if label not in ("natural", "natural_subset")}
+    result = {
+        "run_id": run.run_id,
+        "natural": 0.9,
+        "natural_subset": 0.9,
+        "robust": robust,
+        "average_robust": accuracy if robust else None,
+        "request": run.request_key(),
+        "train_seconds": 1.0,
+        "eval_seconds": 1.0,
+    }
+    write_json(run.file("result.json"), result)
+    set_state(run, trained=True, state="done")
+    return result

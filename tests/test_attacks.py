@@ -11,7 +11,6 @@ import torchattacks
 from sklearn.datasets import load_digits
 from torch import nn
 
-from samat import attacks
 from samat.attacks import PRESETS, build, evaluate, label, resolve
 from samat.config import AttackSpec, ConfigError
 
@@ -65,6 +64,7 @@ def test_presets_hold_the_paper_columns():
         "PGD-10 linf 1/255",
         "PGD-10 l2 32/255",
         "AA l2 32/255",
+        "StAdv",
         "FAB-10 l2 32/255",
         "Pixle-5",
     ]
@@ -120,8 +120,8 @@ def test_label(fields, expected):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"attack": "fgsm", "norm": "l2"}, "l_inf only"),
-        ({"attack": "fgsm", "steps": 3}, "one step"),
+        ({"attack": "fgsm", "norm": "l2"}, "norm linf only"),
+        ({"attack": "fgsm", "steps": 3}, "takes no steps"),
         ({"attack": "fab", "alpha": 0.01}, "pgd only"),
         ({"attack": "pixle", "eps": 0.1}, "no eps or norm"),
         ({"attack": "pgd", "options": {"stepz": 3}}, r"\['stepz'\] for torchattacks.PGD"),
@@ -259,7 +259,9 @@ def test_fgsm_and_pgd_adversarials_stay_in_the_budget(digits, spec):
 
 def test_an_attack_beyond_its_budget_is_refused(digits, monkeypatch):
     model, images, labels = digits
-    monkeypatch.setattr(attacks, "build", lambda *a, **k: lambda x, y: (x + 0.2).clamp(0, 1))
+    from samat.attacks import runner
+
+    monkeypatch.setattr(runner, "build", lambda *a, **k: lambda x, y: (x + 0.2).clamp(0, 1))
     with pytest.raises(RuntimeError, match="beyond its budget"):
         run(model, images, labels, AttackSpec(attack="pgd", eps=0.1))
 

@@ -7,6 +7,7 @@ machine where the real test cluster runs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import signal
 import sys
@@ -22,8 +23,8 @@ from samat.grid import expand
 from samat.launch import RunTask, scheduler, show_status, submit_grid
 from samat.launch.status import combined_state, follow, run_statuses
 from samat.launch.submit import array_chunks, sbatch_script, select_runs, slurm_parameters
-from samat.store import RunDir, prepare, write_json
-from tests.conftest import TINY_BASE
+from samat.store import RunDir, canonical_key, prepare
+from tests.conftest import TINY_BASE, finish, set_state
 
 RESULT = {"run_id": "x", "natural": 0.9, "robust": {"FGSM": 0.5}, "average_robust": 0.5}
 
@@ -291,23 +292,48 @@ def test_select_runs_skips_done_and_live_runs(tmp_path: Path, slurm_bin) -> None
     grid = make_grid(tmp_path, seeds=5)
     specs = expand(grid)
     runs = [prepare(spec) for spec in specs]
-    write_json(runs[0].file("result.json"), RESULT)  # done
-    runs[1].update_state(job_id="7_1")  # queued
-    runs[2].update_state(job_id="7_2", state="running")  # running
-    runs[3].update_state(job_id="6_0", state="running")  # the scheduler has forgotten it
-    runs[4].update_state(state="failed", error="boom")
+    finish(runs[0])  # done
+    set_state(runs[1], job_id="7_1")  # queued
+    set_state(runs[2], job_id="7_2", state="running")  # running
+    set_state(runs[3], job_id="6_0", state="running")  # the scheduler has forgotten it
+    set_state(runs[4], state="failed", error="boom")
     slurm_bin("squeue", "printf '7_1|PENDING|0:00\\n7_2|RUNNING|1:00\\n9_0|RUNNING|0:01\\n'")
     actions = select_runs(specs)
-    assert [actions[s.run_id] for s in specs] == ["done", "queued", "running", "submit", "submit"]
+    assert [actions[s.run_id].kind for s in specs] == [
+        "done",
+        "queued",
+        "running",
+        "train",
+        "train",
+    ]
     forced = select_runs(specs, force=True)
-    assert [forced[s.run_id] for s in specs] == ["submit", "queued", "running", "submit", "submit"]
+    assert [forced[s.run_id].kind for s in specs] == [
+        "train",
+        "queued",
+        "running",
+        "train",
+        "train",
+    ]
+    # a deterministic failure (NaN loss) is not resubmitted unless asked; an infrastructure one is
+    set_state(runs[4], failure="deterministic")
+    assert select_runs(specs)[specs[4].run_id].kind == "failed"
+    assert select_runs(specs, retry_failed=True)[specs[4].run_id].kind == "train"
+    # trained, with an attack added to the request: evaluation only, naming the missing attack
+    extra = {"attack": "pgd", "eps": 0.1, "steps": 2, "label": "PGD"}
+    request = runs[0].eval_request()
+    added = request.model_copy(update={"attacks": [*request.attacks, extra]})
+    runs[0].set_eval_request(added)
+    changed = dataclasses.replace(specs[0], config=runs[0].config())
+    action = select_runs([changed, *specs[1:]])[specs[0].run_id]
+    assert (action.kind, action.missing) == ("eval", ("PGD",))
+    assert action.describe() == "eval only: PGD"
 
 
 def test_resubmitting_a_finished_grid_submits_nothing(tmp_path: Path, slurm_bin) -> None:
     sbatch = slurm_bin("sbatch", f"touch {tmp_path}/sbatch-called; exit 1")
     grid = make_grid(tmp_path, seeds=2)
     for spec in expand(grid):
-        write_json(prepare(spec).file("result.json"), RESULT)
+        finish(prepare(spec))
     console = recording_console()
     assert submit_grid(grid, executor="slurm", console=console) == 0
     assert "nothing to submit: 0 runs to run, 2 skipped (2 done)" in console.export_text()
@@ -339,13 +365,13 @@ def fake_runs(tmp_path: Path, n: int) -> list[RunDir]:
 
 def test_status_joins_run_dirs_with_the_scheduler(tmp_path: Path, slurm_bin) -> None:
     runs = fake_runs(tmp_path, 6)
-    write_json(runs[0].file("result.json"), RESULT)
-    runs[0].update_state(job_id="42_0", state="done", attempts=1)
-    runs[1].update_state(job_id="42_1", state="running", attempts=2, requeues=1)
-    runs[2].update_state(job_id="42_2")
-    runs[3].update_state(job_id="42_3", state="running")  # killed before writing a result
-    runs[4].update_state(job_id="40_0", state="running")  # forgotten by the scheduler
-    runs[5].update_state(state="failed", error="loss became nan")
+    finish(runs[0])
+    set_state(runs[0], job_id="42_0", state="done", attempts=1)
+    set_state(runs[1], job_id="42_1", state="running", attempts=2, requeues=1)
+    set_state(runs[2], job_id="42_2")
+    set_state(runs[3], job_id="42_3", state="running")  # killed before writing a result
+    set_state(runs[4], job_id="40_0", state="running")  # forgotten by the scheduler
+    set_state(runs[5], state="failed", error="loss became nan")
     slurm_bin(
         "sacct",
         "printf '42_0|COMPLETED|00:00:05\\n42_1|RUNNING|00:02:00\\n"
@@ -376,7 +402,7 @@ def test_status_joins_run_dirs_with_the_scheduler(tmp_path: Path, slurm_bin) -> 
 
 def test_status_without_a_scheduler_uses_run_dirs(tmp_path: Path, slurm_bin) -> None:
     runs = fake_runs(tmp_path, 2)
-    runs[0].update_state(job_id="42_0", state="running")
+    set_state(runs[0], job_id="42_0", state="running")
     state = runs[0].state()
     assert combined_state(runs[0], state, None) == ("running", "")
     assert [row.state for row in run_statuses(runs)] == ["running", "pending"]
@@ -386,7 +412,7 @@ def test_status_never_waits_on_a_hanging_scheduler(
     tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runs = fake_runs(tmp_path, 1)
-    runs[0].update_state(job_id="42_0", state="running")
+    set_state(runs[0], job_id="42_0", state="running")
     slurm_bin("sacct", "sleep 30")
     slurm_bin("squeue", "sleep 30")
     monkeypatch.setattr(scheduler, "QUERY_TIMEOUT_S", 0.5)
@@ -402,7 +428,7 @@ def test_status_of_an_empty_directory_is_a_user_error(tmp_path: Path) -> None:
 
 def test_a_result_deleted_after_the_job_ended_reads_as_pending(tmp_path: Path, slurm_bin) -> None:
     runs = fake_runs(tmp_path, 1)
-    runs[0].update_state(job_id="42_0", state="done")
+    set_state(runs[0], job_id="42_0", state="done")
     slurm_bin("sacct", "echo '42_0|COMPLETED|00:00:05'")
     assert [row.state for row in run_statuses(runs)] == ["pending"]
 
@@ -410,9 +436,11 @@ def test_a_result_deleted_after_the_job_ended_reads_as_pending(tmp_path: Path, s
 # -- the task ------------------------------------------------------------------------------------
 
 
-def write_result_command(run_dir: Path) -> list[str]:
-    """A stand-in 'container' command: a child process that writes the run's result."""
-    code = f"import json; json.dump({RESULT!r}, open({str(run_dir / 'result.json')!r}, 'w'))"
+def write_result_command(run_dir: Path, request: str | None = None) -> list[str]:
+    """A stand-in 'container' command: a child process that writes the run's result (answering
+    the evaluation request `request`)."""
+    result = {**RESULT, "request": request}
+    code = f"import json; json.dump({result!r}, open({str(run_dir / 'result.json')!r}, 'w'))"
     return [sys.executable, "-c", code]
 
 
@@ -421,7 +449,7 @@ def test_checkpoint_resubmits_the_task_and_counts_the_requeue(tmp_path: Path) ->
     task = RunTask(run.path, write_result_command(run.path))
     resubmission = task.checkpoint()
     assert resubmission.function is task and task.requeued
-    assert resubmission.result() == RESULT
+    assert resubmission.result() == {**RESULT, "request": None}
     assert run.state()["requeues"] == 1 and not task.requeued
     task()
     assert run.state()["requeues"] == 1  # a call that is not a requeue counts nothing
@@ -461,7 +489,10 @@ def test_local_executor_runs_one_after_another(
     monkeypatch.setattr(
         "samat.launch.submit.container_commands",
         lambda cfg, specs, output: {
-            spec.run_id: write_result_command(spec.run_dir) for spec in specs
+            spec.run_id: write_result_command(
+                spec.run_dir, canonical_key(spec.config.eval.model_dump(mode="json"))
+            )
+            for spec in specs
         },
     )
     console = recording_console()
@@ -480,8 +511,8 @@ def test_local_executor_runs_one_after_another(
 
 def test_follow_refreshes_until_every_run_has_ended(tmp_path: Path, slurm_bin) -> None:
     runs = fake_runs(tmp_path, 1)
-    write_json(runs[0].file("result.json"), RESULT)
-    runs[0].update_state(job_id="42_0", state="running")
+    finish(runs[0])
+    set_state(runs[0], job_id="42_0", state="running")
     # the first look finds the task running, later ones find it completed
     slurm_bin(
         "sacct",

@@ -21,7 +21,13 @@ def _create(name: str, num_classes: int, channels: int, size: int, **kwargs) -> 
 
 
 def test_registry_names() -> None:
-    assert models.names() == ["preact_resnet18", "small_cnn", "wide_resnet28_10"]
+    assert models.names() == [
+        "deit_small",
+        "deit_tiny",
+        "preact_resnet18",
+        "small_cnn",
+        "wide_resnet28_10",
+    ]
 
 
 def test_unknown_name_lists_known_names() -> None:

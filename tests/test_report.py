@@ -8,6 +8,7 @@ from samat.config import validate_run
 from samat.grid import RunSpec, run_id
 from samat.report import render, summarize
 from samat.store import prepare, write_json
+from tests.conftest import set_state
 
 
 def add_run(root, method, seed, natural=None, robust=None, state=None):
@@ -27,7 +28,7 @@ def add_run(root, method, seed, natural=None, robust=None, state=None):
             },
         )
     if state:
-        run.update_state(state=state, error="boom" if state == "failed" else None)
+        set_state(run, state=state, error="boom" if state == "failed" else None)
     return run
 
 

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,14 +21,21 @@ from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
 from samat import container
 from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig
-from samat.grid import RunSpec, expand
+from samat.grid import RunSpec, expand, preflight
 from samat.launch import scheduler
 from samat.launch.status import follow, plural, result_line, say
 from samat.launch.task import RunTask
-from samat.store import RunDir, prepare
+from samat.store import (
+    CONFIG,
+    RunDir,
+    canonical_key,
+    find_runs,
+    missing_records,
+    prepare,
+)
 
 T = TypeVar("T")
-ACTIONS = ("submit", "done", "queued", "running")
+ACTIONS = ("train", "eval", "done", "queued", "running", "failed")
 
 
 def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
@@ -142,20 +150,55 @@ def container_commands(
     }
 
 
-def select_runs(specs: list[RunSpec], *, force: bool = False) -> dict[str, str]:
-    """What to do with each run (by run id): submit it, or skip it as done / queued / running."""
+@dataclass(frozen=True)
+class Action:
+    """What a submit does with one run: train (then evaluate), evaluate only, or skip it."""
+
+    kind: str  # one of ACTIONS
+    # eval: the requested evaluations without a record (empty: only result.json is rewritten)
+    missing: tuple[str, ...] = ()
+
+    @property
+    def runs(self) -> bool:
+        return self.kind in ("train", "eval")
+
+    def describe(self) -> str:
+        if self.kind == "train":
+            return "train + eval"
+        if self.kind == "eval":
+            names = [m for m in self.missing if m not in ("natural", "natural_subset")]
+            return "eval only: " + (", ".join(names) if names else "clean accuracy / summary")
+        return self.kind
+
+
+def select_runs(
+    specs: list[RunSpec], *, force: bool = False, retry_failed: bool = False
+) -> dict[str, Action]:
+    """What to do with each run (by run id): train it, evaluate it only, or skip it as done,
+    queued, running or failed for a deterministic cause (NaN loss, bad config)."""
     runs = {spec.run_id: RunDir(spec.run_dir) for spec in specs}
     states = {run_id: run.state() for run_id, run in runs.items()}
-    jobs = scheduler.job_states(str(s["job_id"]) for s in states.values() if s["job_id"]) or {}
+    ids = [str(s.job_id) for s in states.values() if s.job_id]
+    jobs = scheduler.job_states(ids) if ids else {}
     actions = {}
     for spec in specs:
-        job = jobs.get(str(states[spec.run_id]["job_id"]))
+        run, state = runs[spec.run_id], states[spec.run_id]
+        job = (jobs or {}).get(str(state.job_id))
         if job is not None and job.active:
-            actions[spec.run_id] = "running" if job.state == "RUNNING" else "queued"
-        elif not force and runs[spec.run_id].is_complete():
-            actions[spec.run_id] = "done"
+            actions[spec.run_id] = Action("running" if job.state == "RUNNING" else "queued")
+        elif force or not state.trained:
+            failed = state.state == "failed" and state.failure == "deterministic"
+            skip = failed and not (force or retry_failed)
+            actions[spec.run_id] = Action("failed") if skip else Action("train")
         else:
-            actions[spec.run_id] = "submit"
+            missing = tuple(missing_records(run, spec.config))
+            result = run.result()
+            current = result is not None and result.get("request") == canonical_key(
+                spec.config.eval.model_dump(mode="json")
+            )
+            actions[spec.run_id] = (
+                Action("done") if current and not missing else Action("eval", missing)
+            )
     return actions
 
 
@@ -165,6 +208,7 @@ def submit_grid(
     executor: str = "auto",
     dry_run: bool = False,
     force: bool = False,
+    retry_failed: bool = False,
     wait: bool = False,
     console: Console,
 ) -> int:
@@ -174,7 +218,9 @@ def submit_grid(
     tasks have ended). Local: the runs one after another, blocking, one line per finished run.
     """
     specs = expand(grid)
+    preflight(specs)
     output = Path(grid.output or Path("results") / grid.name)
+    check_layout(output)
     kind = resolve_executor(executor, dry_run=dry_run)
     check_output_dir(output, create=not dry_run)
     if kind == "slurm":
@@ -187,34 +233,104 @@ def submit_grid(
     for warning in container.validate(grid.container):
         say(console, f"warning: {warning}")
     commands = container_commands(grid.container, specs, output)
-    actions = select_runs(specs, force=force)
-    todo = [spec for spec in specs if actions[spec.run_id] == "submit"]
+    actions = select_runs(specs, force=force, retry_failed=retry_failed)
+    todo = [spec for spec in specs if actions[spec.run_id].runs]
     say(console, _executor_line(executor, kind))
     if dry_run:
         _print_dry_run(grid, specs, actions, kind, output, commands, console)
         return 0
     if not todo:
         say(console, f"nothing to submit: {_count_line(actions)}; results in {output}")
-        live = [RunDir(s.run_dir) for s in specs if actions[s.run_id] in ("queued", "running")]
+        live = [RunDir(s.run_dir) for s in specs if actions[s.run_id].kind in ("queued", "running")]
         return follow(live, console=console) if wait and live else 0
     for spec in specs:
         run = prepare(spec)
-        if actions[spec.run_id] == "submit":
-            run.update_state(state="pending", error=None)
+        if actions[spec.run_id].runs:
+            if force:
+                run.move_training_aside()
+            run.mark_pending(spec.label)
+    say(console, _count_line(actions))
+    return _launch(grid, todo, kind, output, commands, wait=wait, console=console)
+
+
+def _launch(
+    grid: GridConfig,
+    todo: list[RunSpec],
+    kind: str,
+    output: Path,
+    commands: dict[str, list[str]],
+    *,
+    wait: bool,
+    console: Console,
+) -> int:
+    """Run the prepared runs: locally (blocking) or as SLURM arrays (returns once queued)."""
     stops = {s.run_id: container.stop_command(grid.container, s.run_dir) for s in todo}
     tasks = [
         RunTask(spec.run_dir, commands.get(spec.run_id), stops[spec.run_id] or None)
         for spec in todo
     ]
     if kind == "local":
-        say(console, _count_line(actions))
         return _run_local(grid, todo, tasks, output, console)
     _submit_slurm(grid, todo, tasks, output, console)
-    say(console, _count_line(actions))
     say(console, f"results: {output / 'runs'} (samat status {output}; samat collect {output})")
     if not wait:
         return 0
     return follow([RunDir(spec.run_dir) for spec in todo], console=console)
+
+
+def evaluate_runs(
+    target: Path,
+    attacks: list[Any],
+    *,
+    n_examples: int | None,
+    executor: str,
+    console: Console,
+) -> int:
+    """`samat eval`: add attacks to trained runs' evaluation requests and run only those
+    evaluations, through the same tasks as submit (local, or one SLURM array with a grid file)."""
+    from samat import attacks as attack_registry
+    from samat.config import GridConfig, load_grid
+
+    if target.suffix in (".yaml", ".yml"):
+        grid = load_grid(target)
+        output = Path(grid.output)
+        specs = expand(grid, str(target))
+        dirs = [RunDir(spec.run_dir) for spec in specs if spec.run_dir.is_dir()]
+    else:
+        grid = GridConfig(name="eval")
+        output = target
+        dirs = find_runs(target)
+    if not dirs:
+        raise ConfigError(f"{target}: no run directories; submit the grid first")
+    kind = resolve_executor(executor)
+    if kind == "slurm" and target.suffix not in (".yaml", ".yml"):
+        raise ConfigError("--executor slurm takes the grid file as TARGET (its slurm section)")
+    todo, untrained = [], 0
+    for run in dirs:
+        if not run.state().trained:
+            untrained += 1
+            continue
+        request = run.eval_request()
+        known = {attack_registry.label(spec) for spec in attack_registry.resolve(request.attacks)}
+        added = [
+            a
+            for a in attacks
+            if attack_registry.label(attack_registry.resolve([a])[0]) not in known
+        ]
+        update = {"attacks": [*request.attacks, *added]}
+        if n_examples is not None:
+            update["n_examples"] = n_examples
+        run.set_eval_request(request.model_copy(update=update))
+        config = run.config()
+        if missing_records(run, config) or not run.is_complete():
+            run.mark_pending()
+            todo.append(RunSpec(run.run_id, config, run.state().label or run.run_id, run.path))
+    note = f" ({untrained} not trained yet: submit the grid first)" if untrained else ""
+    say(console, f"{plural(len(todo), 'run')} to evaluate, {len(dirs) - len(todo)} skipped{note}")
+    if not todo:
+        return 0
+    commands = container_commands(grid.container, todo, output)
+    return _launch(grid, todo, kind, output, commands, wait=False, console=console)
 
 
 def _executor_line(asked: str, kind: str) -> str:
@@ -228,14 +344,28 @@ def _executor_line(asked: str, kind: str) -> str:
     return f"executor: {kind} ({why})"
 
 
-def _count_line(actions: dict[str, str]) -> str:
-    """'3 runs to run, 2 skipped (1 done, 1 queued)'."""
-    counts = {action: sum(a == action for a in actions.values()) for action in ACTIONS}
-    skipped = len(actions) - counts["submit"]
-    why = ", ".join(f"{n} {action}" for action, n in counts.items() if n and action != "submit")
-    return f"{plural(counts['submit'], 'run')} to run, {skipped} skipped" + (
-        f" ({why})" if why else ""
-    )
+def _count_line(actions: dict[str, Action]) -> str:
+    """'3 runs to run (1 to train, 2 eval only), 2 skipped (1 done, 1 queued)'."""
+    counts = {kind: sum(a.kind == kind for a in actions.values()) for kind in ACTIONS}
+    to_run = counts["train"] + counts["eval"]
+    split = f" ({counts['train']} to train, {counts['eval']} eval only)" if counts["eval"] else ""
+    skipped = {kind: n for kind, n in counts.items() if n and kind not in ("train", "eval")}
+    why = ", ".join(f"{n} {kind}" for kind, n in skipped.items())
+    if counts["failed"]:
+        why += " by a deterministic cause: --retry-failed runs them again"
+    line = f"{plural(to_run, 'run')} to run{split}, {sum(skipped.values())} skipped"
+    return line + (f" ({why})" if why else "")
+
+
+def check_layout(output: Path) -> None:
+    """An output directory of samat 0.1 (run ids that hashed the eval section) is an error."""
+    runs = output / "runs"
+    if not runs.is_dir():
+        return
+    with os.scandir(runs) as entries:
+        first = next((e for e in entries if e.is_dir()), None)
+    if first is not None and (Path(first.path) / CONFIG).is_file():
+        RunDir(Path(first.path)).training_config()
 
 
 def _submit_slurm(
@@ -258,7 +388,7 @@ def _submit_slurm(
                 f"sbatch refused the job: {reason.strip()}; check the grid's slurm section"
             ) from None
         for spec, job in zip(chunk_specs, jobs, strict=True):
-            RunDir(spec.run_dir).update_state(job_id=job.job_id)
+            RunDir(spec.run_dir).mark_submitted(job.job_id)
         array_id = jobs[0].job_id.split("_")[0]
         shape = (
             f"array 0-{len(jobs) - 1}, at most {grid.slurm.array_parallelism} at a time"
@@ -334,7 +464,7 @@ def _print_dry_run(
     commands: dict[str, list[str]],
     console: Console,
 ) -> None:
-    todo = [spec for spec in specs if actions[spec.run_id] == "submit"]
+    todo = [spec for spec in specs if actions[spec.run_id].runs]
     if kind == "slurm":
         params, python = executor_settings(grid, output)
         chunks = array_chunks(todo, scheduler.max_array_size()) if todo else []
@@ -351,6 +481,11 @@ def _print_dry_run(
     for column in ("run id", "label", "seed", "action"):
         table.add_column(column)
     for spec in specs:
-        table.add_row(spec.run_id, Text(spec.label), str(spec.config.seed), actions[spec.run_id])
+        table.add_row(
+            spec.run_id,
+            Text(spec.label),
+            str(spec.config.seed),
+            Text(actions[spec.run_id].describe()),
+        )
     console.print(table)
     say(console, f"dry run ({kind}): {_count_line(actions)}; nothing submitted")

@@ -1,11 +1,18 @@
-"""One run as a submitit task, in-process or in a container; requeued on the time-limit signal."""
+"""One run as a submitit task, in-process or in a container; requeued on the time-limit signal.
+
+On the time-limit (or preemption) signal the run is not cut mid-step: the signal sets a flag,
+training checkpoints at the next step boundary (evaluation stores the batch in progress), and
+only then does submitit's handler requeue the task. The next attempt resumes from there.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +21,29 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from samat.store import LOG, RunDir
 
-# How long a container child may take to exit after a forwarded time-limit signal before submitit
-# requeues the job (requeueing kills what is left); the last epoch's checkpoint is already on disk.
-CHILD_GRACE_S = 20
+# How long a container child may take to reach a step boundary and exit after a forwarded
+# time-limit signal before submitit requeues the job (requeueing kills what is left).
+CHILD_GRACE_S = 60
+# Exit status of `samat run` when a signal stopped it after storing its progress.
+EXIT_INTERRUPTED = 3
+
+
+def time_limit_signal() -> int:
+    return getattr(signal, f"SIG{JobEnvironment.USR_SIG}")
+
+
+def own_job_id() -> str | None:
+    """The SLURM job id of this task, only when submitit's SLURM executor started it: a local run
+    inside an salloc allocation must not claim the allocation's id."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    from samat.train import slurm_job_id
+
+    return slurm_job_id()
 
 
 class RunTask(Checkpointable):
-    """Run or resume one run directory; on the time-limit / preemption signal, requeue itself.
+    """Bring one run directory up to date; on the time-limit / preemption signal, requeue itself.
 
     Without a container the run executes in submitit's own process. With one, `container` is the
     full argv (e.g. `apptainer exec ... samat run RUN_DIR`) and runs as a child, so that submitit's
@@ -41,12 +64,10 @@ class RunTask(Checkpointable):
     def __call__(self) -> dict[str, Any] | None:
         run = RunDir(self.run_dir)
         if self.requeued:
-            run.update_state(requeues=run.state()["requeues"] + 1)
+            run.mark_requeued()
             self.requeued = False
         if self.container is None:
-            from samat.train import execute
-
-            return execute(self.run_dir)
+            return self._run_here()
         return self._run_container(run, self.container)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
@@ -54,26 +75,45 @@ class RunTask(Checkpointable):
         self.requeued = True
         return DelayedSubmission(self, *args, **kwargs)
 
+    def _run_here(self) -> dict[str, Any] | None:
+        from samat.evaluate import Interrupted, StopFlag
+        from samat.train import execute
+
+        flag = StopFlag()
+        limit = time_limit_signal()
+        previous = signal.signal(limit, flag.set)
+        try:
+            return execute(self.run_dir, job_id=own_job_id(), stop=flag)
+        except Interrupted:
+            # progress is on disk: now submitit's own handler checkpoints and requeues
+            _call(previous, limit)
+            raise
+        finally:
+            signal.signal(limit, previous)
+
     def _run_container(self, run: RunDir, argv: list[str]) -> dict[str, Any] | None:
+        job_id = own_job_id()
+        if job_id is not None:
+            run.mark_submitted(job_id)
         child = subprocess.Popen(argv)
-        time_limit = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")
+        limit = time_limit_signal()
 
         def forward(signum: int, frame: types.FrameType | None) -> None:
             if child.poll() is None:
                 child.send_signal(signum)
             if signum == signal.SIGTERM and self.stop:
-                subprocess.run(self.stop, check=False, timeout=30, capture_output=True)
-            if signum == time_limit:
+                # a failing stop command must not escape the handler
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    subprocess.run(self.stop, check=False, timeout=30, capture_output=True)
+            if signum == limit:
                 try:
                     child.wait(CHILD_GRACE_S)
                 except subprocess.TimeoutExpired:
                     child.kill()
             # then submitit's own handler: checkpoint() and `scontrol requeue` on the time limit
-            previous = handlers[signum]
-            if callable(previous):
-                previous(signum, frame)
+            _call(handlers[signum], signum, frame)
 
-        handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, time_limit)}
+        handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, limit)}
         try:
             # with a timeout, wait() polls from Python: a signal that reached another thread is
             # then handled at once rather than when the child happens to exit
@@ -95,3 +135,8 @@ class RunTask(Checkpointable):
 
     def __repr__(self) -> str:
         return f"RunTask({str(self.run_dir)!r})"
+
+
+def _call(handler: Callable[..., Any] | int | None, signum: int, frame: Any = None) -> None:
+    if callable(handler):
+        handler(signum, frame)
