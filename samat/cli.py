@@ -62,6 +62,22 @@ class _Commands(click.Group):
             return theory
         return super().get_command(ctx, name)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # `samat --help` lists `theory` from a fixed line instead of importing it (and scipy)
+        rows = []
+        for name in self.list_commands(ctx):
+            if name == "theory":
+                rows.append((name, THEORY_HELP))
+                continue
+            command = super().get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+THEORY_HELP = "The papers' binary toy model, computed exactly (ST, AT, SAM optima)."
+
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="samat")
@@ -153,9 +169,21 @@ def plan(grid_file: Path) -> None:
     "--retry-failed", is_flag=True, help="Also rerun runs that failed for a deterministic cause."
 )
 @click.option("--wait", is_flag=True, help="Block with a live status table until all runs end.")
+@click.option(
+    "--ignore-scheduler",
+    is_flag=True,
+    help="When sacct and squeue do not answer, resubmit runs recorded as queued or running "
+    "anyway (by default they are left alone and the exit status is 1).",
+)
 @user_errors
 def submit(
-    grid_file: Path, executor: str, dry_run: bool, force: bool, retry_failed: bool, wait: bool
+    grid_file: Path,
+    executor: str,
+    dry_run: bool,
+    force: bool,
+    retry_failed: bool,
+    wait: bool,
+    ignore_scheduler: bool,
 ) -> None:
     """Validate a grid, then run what is missing as one SLURM array (or locally): training for
     untrained runs, evaluation only for trained runs with new attacks."""
@@ -169,6 +197,7 @@ def submit(
         force=force,
         retry_failed=retry_failed,
         wait=wait,
+        ignore_scheduler=ignore_scheduler,
         console=console,
     )
     sys.exit(code)
@@ -277,16 +306,70 @@ def run(target: Path, output: Path) -> None:
     )
 
 
+STATES = ("done", "running", "queued", "failed", "interrupted", "cancelled", "pending")
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="A JSON list, one object per run: run_id, label, seed, state, attempts, requeues, "
+    "job_id, note.",
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(STATES),
+    help="Only runs in this state (repeatable).",
+)
 @user_errors
-def status(path: Path) -> None:
-    """Per-run state of a grid's output directory, joined with the scheduler's view."""
+def status(path: Path, as_json: bool, states: tuple[str, ...]) -> None:
+    """Per-run state of a grid's output directory (or grid file), joined with the scheduler's
+    view. Exit status 1 when any run failed."""
     from samat.launch import show_status
+    from samat.store import RunDir
 
+    runs = None
     if path.suffix in (".yaml", ".yml"):
-        path = load_grid(path).output
-    sys.exit(show_status(path, console=console))
+        grid = load_grid(path)
+        # grids may share an output directory: only this grid's runs
+        specs = expand(grid, str(path))
+        runs = [RunDir(s.run_dir) for s in specs if (s.run_dir / "config.yaml").is_file()]
+        path = Path(grid.output)
+    code = show_status(path, console=console, as_json=as_json, states=states, runs=runs)
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option(
+    "--run",
+    "run_ids",
+    multiple=True,
+    metavar="ID",
+    help="Cancel only this run (repeatable); default: every queued or running run.",
+)
+@user_errors
+def cancel(target: Path, run_ids: tuple[str, ...]) -> None:
+    """Cancel a grid's SLURM jobs (TARGET: its output directory or grid file) and mark its
+    unfinished runs cancelled; `samat submit` resumes them later."""
+    from samat.launch.cancel import cancel_runs
+
+    sys.exit(cancel_runs(target, run_ids=run_ids, console=console))
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@user_errors
+def logs(run_dir: Path) -> None:
+    """Print a run's log (RUN: its directory, <output>/runs/<id>) and where the scheduler's
+    stdout and stderr of its job are."""
+    from samat.launch.status import show_logs
+
+    sys.exit(show_logs(run_dir, console=console))
 
 
 @cli.command()
@@ -297,6 +380,18 @@ def status(path: Path) -> None:
     type=click.Choice(["table", "csv", "markdown", "latex", "json"]),
     default="table",
     show_default=True,
+)
+@click.option(
+    "--reference",
+    metavar="TABLE",
+    help="Put a paper's published numbers (table1 .. table7) and ours minus them beside each "
+    "matching row.",
+)
+@click.option("--ci", is_flag=True, help="95% confidence intervals (Student's t, n-1 dof).")
+@click.option(
+    "--compare",
+    metavar="LABEL",
+    help="Per-seed paired differences of every row to the row LABEL (e.g. SGD).",
 )
 @click.option("--per-run", is_flag=True, help="With --format json: one object per run.")
 @click.option(
@@ -313,29 +408,48 @@ def status(path: Path) -> None:
 def collect(
     path: Path,
     fmt: str,
+    reference: str | None,
+    ci: bool,
+    compare: str | None,
     per_run: bool,
     out: Path | None,
     plot_file: Path | None,
     plot_attack: str | None,
 ) -> None:
-    """Gather every run's result into a table (mean ± std over seeds)."""
+    """Gather every run's result into a table (mean ± std over seeds, n seeds per row).
+
+    PATH is a grid's output directory, or a grid file: then only that grid's runs (grids may
+    share an output directory, and so their trained runs).
+    """
     from samat import report
 
+    runs = None
     if path.suffix in (".yaml", ".yml"):
-        path = load_grid(path).output
-    rendered = report.render(path, fmt, per_run_json=per_run)
+        grid = load_grid(path)
+        runs = {spec.run_id: spec.label for spec in expand(grid, str(path))}
+        path = Path(grid.output)
+    rendered = report.render(
+        path,
+        fmt,
+        per_run_json=per_run,
+        reference=reference,
+        ci=ci,
+        compare=compare,
+        runs=runs,
+    )
+    # a file, a pipe or a SLURM log would get rich's 80 columns: too narrow for the papers' tables
+    width = report.natural_width(rendered) if isinstance(rendered, Table) else 0
     if out is not None:
         if isinstance(rendered, Table):
             with out.open("w") as handle:
-                Console(file=handle, width=200).print(rendered)
+                Console(file=handle, width=max(width, 100)).print(rendered)
         else:
             out.write_text(rendered)
         console.print(f"wrote {out}")
     elif isinstance(rendered, Table):
-        # a pipe or a SLURM log gets rich's 80 columns by default: too narrow for the papers' tables
-        wide = console if console.is_terminal else Console(width=max(console.width, 160))
+        wide = console if console.is_terminal else Console(width=max(console.width, width, 100))
         wide.print(rendered)
     else:
         click.echo(rendered, nl=False)
     if plot_file is not None:
-        console.print(f"wrote {report.plot(path, plot_file, plot_attack)}")
+        console.print(f"wrote {report.plot(path, plot_file, plot_attack, runs)}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -103,8 +105,19 @@ class ScheduleConfig(Strict):
         return self
 
 
+# The method registry's torch-free half: each method config class owns its row label and its
+# place in the papers' row order (standard training, SAM variants, adversarial training); the
+# code for each name is samat.methods.METHODS.
+
+
 class StandardMethod(Strict):
     name: Literal["standard"] = "standard"
+
+    def label(self) -> str:
+        return ""  # the row is named by its optimizer alone: 'SGD', 'Adam'
+
+    def rank(self) -> int:
+        return 0
 
 
 class SAMMethod(Strict):
@@ -112,6 +125,12 @@ class SAMMethod(Strict):
     rho: PositiveBudget = 0.05
     # ASAM's small constant keeping |w| scaling away from zero (Kwon et al. 2021).
     eta: float = Field(default=0.01, ge=0)
+
+    def label(self) -> str:
+        return f"{self.name.upper()} rho={self.rho:g}"
+
+    def rank(self) -> int:
+        return 1 if self.name == "sam" else 3
 
 
 class ESAMMethod(Strict):
@@ -125,6 +144,12 @@ class ESAMMethod(Strict):
     # SDS: the second pass uses the fraction gamma of the batch whose loss rose the most.
     gamma: float = Field(default=0.5, gt=0, le=1)
 
+    def label(self) -> str:
+        return f"ESAM rho={self.rho:g}" + _non_default(self, "beta", "gamma")
+
+    def rank(self) -> int:
+        return 2
+
 
 class LookSAMMethod(Strict):
     """LookSAM (Liu et al. 2022): SAM's gradient every k steps, its stored orthogonal part reused
@@ -135,6 +160,12 @@ class LookSAMMethod(Strict):
     k: int = Field(default=5, ge=1)
     # weight of the reused orthogonal component, scaled by ||g|| / ||g_v|| (the paper's alpha)
     alpha: float = Field(default=0.7, ge=0)
+
+    def label(self) -> str:
+        return f"LookSAM rho={self.rho:g} k={self.k}" + _non_default(self, "alpha")
+
+    def rank(self) -> int:
+        return 4
 
 
 class AdversarialMethod(Strict):
@@ -148,6 +179,26 @@ class AdversarialMethod(Strict):
     steps: int = Field(default=10, ge=1)
     random_start: bool = True
 
+    def label(self) -> str:
+        kind = "PGD-AT" if self.name == "pgd_at" else "FGSM-AT"
+        return f"{kind} {self.norm} eps={format_budget(self.eps)}"
+
+    def rank(self) -> int:
+        return 5 if self.name == "fgsm_at" else 6
+
+
+def _non_default(method: BaseModel, *fields: str) -> str:
+    return "".join(
+        f" {name}={getattr(method, name):g}"
+        for name in fields
+        if getattr(method, name) != type(method).model_fields[name].default
+    )
+
+
+METHOD_CLASSES = (StandardMethod, SAMMethod, ESAMMethod, LookSAMMethod, AdversarialMethod)
+METHOD_NAMES = tuple(
+    name for cls in METHOD_CLASSES for name in get_args(cls.model_fields["name"].annotation)
+)
 
 MethodConfig = Annotated[
     StandardMethod | SAMMethod | ESAMMethod | LookSAMMethod | AdversarialMethod,
@@ -238,33 +289,100 @@ class RunConfig(Strict):
     seed: int = 0
 
 
+# C0 control characters and DEL: in a value that reaches the sbatch script (one `#SBATCH` line
+# per option, setup lines) or a command line, a newline or NUL would cut or inject a line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL", "\t": "a tab"}
+
+
+def control_character(text: str) -> str | None:
+    """A description of the first control character in text ('a newline', 'U+001B'), or None."""
+    match = _CONTROL.search(text)
+    if match is None:
+        return None
+    char = match.group()
+    return _CONTROL_NAMES.get(char, f"control character U+{ord(char):04X}")
+
+
+def _plain_text(value: Any) -> Any:
+    found = control_character(str(value)) if isinstance(value, str | Path) else None
+    if found:
+        raise ValueError(
+            f"contains {found}, which the sbatch script or a command line cannot carry"
+        )
+    return value
+
+
+def _plain_mapping(value: dict[Any, Any]) -> dict[Any, Any]:
+    """Keys and (nested) string values of a mapping without control characters."""
+
+    def check(item: Any, key: Any) -> None:
+        if isinstance(item, dict):
+            for inner_key, inner in item.items():
+                check(inner_key, inner_key)
+                check(inner, inner_key)
+        elif isinstance(item, list | tuple):
+            for inner in item:
+                check(inner, key)
+        elif isinstance(item, str) and control_character(item):
+            where = f"the key {item!r}" if item == key else f"the value of {key!r} ({item!r})"
+            raise ValueError(
+                f"{where} contains {control_character(item)}, which the sbatch script or a "
+                "command line cannot carry"
+            )
+
+    check(value, None)
+    return value
+
+
+# A string that goes into the sbatch script or onto a command line: no control characters.
+PlainText = Annotated[str, AfterValidator(_plain_text)]
+PlainPath = Annotated[Path, AfterValidator(_plain_text)]
+
+
 class SlurmConfig(Strict):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    partition: PlainText | None = None
+    account: PlainText | None = None
+    qos: PlainText | None = None
     gpus_per_node: int = Field(default=1, ge=0)
     cpus_per_task: int = Field(default=4, ge=1)
     mem_gb: float | None = Field(default=None, gt=0)
     timeout_min: int = Field(default=240, ge=1)
+    # At most this many of the grid's tasks run at once, over all of its arrays together.
     array_parallelism: int = Field(default=64, ge=1)
-    constraint: str | None = None
+    constraint: PlainText | None = None
     # Requeues allowed on time limit / preemption before a task counts as failed.
     max_num_timeout: int = Field(default=3, ge=0)
     # Seconds before the time limit at which SLURM signals the task to checkpoint and requeue.
     signal_delay_s: int = Field(default=90, ge=1)
     additional_parameters: dict[str, Any] = Field(default_factory=dict)
-    setup: list[str] = Field(default_factory=list)
+    setup: list[PlainText] = Field(default_factory=list)
+
+    _plain_parameters = field_validator("additional_parameters")(_plain_mapping)
 
 
 class ContainerConfig(Strict):
     runtime: Literal["none", "apptainer", "docker", "pyxis"] = "none"
-    image: str | None = None
+    image: PlainText | None = None
     # host:container pairs; the host side must exist when the grid is submitted.
-    binds: list[str] = Field(default_factory=list)
+    binds: list[PlainText] = Field(default_factory=list)
+    # Passed through a file only the user can read (never on a command line).
     env: dict[str, str] = Field(default_factory=dict)
-    gpu: bool = True
+    # None = GPUs in the container when the grid asks SLURM for them (slurm.gpus_per_node > 0).
+    gpu: bool | None = None
     # The runtime's executable (e.g. `podman` standing in for `docker`).
-    executable: str | None = None
+    executable: PlainText | None = None
+    # pyxis: the image's python that runs submitit (None = /opt/venv/bin/python, the Dockerfile's).
+    python: PlainText | None = None
+
+    _plain_env = field_validator("env")(_plain_mapping)
+
+    @field_validator("python")
+    @classmethod
+    def _python_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty; name the image's python, e.g. /opt/venv/bin/python")
+        return value
 
     @model_validator(mode="after")
     def _image_needed(self) -> ContainerConfig:
@@ -274,8 +392,9 @@ class ContainerConfig(Strict):
 
 
 class GridConfig(Strict):
-    name: str
-    output: Path | None = None
+    # SLURM's job name is samat-<name>
+    name: PlainText
+    output: PlainPath | None = None
     base: dict[str, Any] = Field(default_factory=dict)
     # Cartesian product over dotted keys: {"model.name": ["small_cnn", "preact_resnet18"]}.
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
@@ -319,7 +438,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts union members (a tag such as 'sam', or a class name) into error locations
-    return part in ("standard", "sam", "asam", "esam", "looksam", "pgd_at", "fgsm_at") or (
+    return part in METHOD_NAMES or (
         isinstance(part, str) and (part[:1].isupper() or part.startswith(("function-", "list[")))
     )
 

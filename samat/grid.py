@@ -14,7 +14,6 @@ from samat.config import (
     ConfigError,
     GridConfig,
     RunConfig,
-    format_budget,
     parse_budget,
     validate_run,
 )
@@ -77,16 +76,13 @@ def _product(axes: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def method_label(config: RunConfig) -> str:
-    """Row label in the papers' style: 'SGD', 'SAM rho=0.1', 'PGD-AT linf eps=8/255'."""
-    method = config.method
+    """Row label in the papers' style: 'SGD', 'SAM rho=0.1', 'PGD-AT linf eps=8/255'; the method
+    config class says its own part, the optimizer is added unless it is SGD."""
     optimizer = {"sgd": "SGD", "adam": "Adam"}[config.train.optimizer.name]
-    if method.name == "standard":
+    own = config.method.label()
+    if not own:
         return optimizer
-    suffix = "" if optimizer == "SGD" else f" ({optimizer})"
-    if method.name in ("sam", "asam"):
-        return f"{method.name.upper()} rho={method.rho:g}{suffix}"
-    kind = "PGD-AT" if method.name == "pgd_at" else "FGSM-AT"
-    return f"{kind} {method.norm} eps={format_budget(method.eps)}{suffix}"
+    return own if optimizer == "SGD" else f"{own} ({optimizer})"
 
 
 def _label(config: RunConfig, assignment: dict[str, Any]) -> str:

@@ -1,11 +1,15 @@
-"""Gather run directories into tables: mean ± std over seeds, like the papers' tables."""
+"""Gather run directories into tables: mean ± std over seeds, like the papers' tables; optionally
+the published numbers beside ours (`reference`), 95% t-intervals (`ci`) and per-seed paired
+differences to a baseline row (`compare`)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +18,14 @@ from rich.table import Table
 
 from samat.config import ConfigError
 from samat.grid import group_id, method_label
+from samat.published import PublishedRow, PublishedTable
 from samat.store import RunDir, find_runs
 
 NATURAL, AVERAGE = "Natural", "Average"
 # clean accuracy on the attacked images (the first n, or n drawn), shown when it differs from the
 # whole test set's, so that a row's robust columns sit beside the clean accuracy of their images
 SUBSET = "Natural (attacked)"
+CONFIDENCE = 0.95
 
 
 @dataclass
@@ -44,39 +50,52 @@ class Row:
             counts[record.state] = counts.get(record.state, 0) + 1
         return counts
 
-    def values(self, column: str) -> list[float]:
-        out = []
+    def by_seed(self, column: str, average_of: Sequence[str] = ()) -> dict[int, float]:
+        """The column's value (a fraction) of every run that has one, by seed."""
+        out = {}
         for record in self.runs:
-            value = _column_value(record.result, column) if record.result else None
+            value = _column_value(record.result, column, average_of) if record.result else None
             if value is not None:
-                out.append(value)
+                out[record.seed] = value
         return out
 
+    def values(self, column: str, average_of: Sequence[str] = ()) -> list[float]:
+        return list(self.by_seed(column, average_of).values())
 
-def _column_value(result: dict[str, Any], column: str) -> float | None:
+
+def _column_value(
+    result: dict[str, Any], column: str, average_of: Sequence[str] = ()
+) -> float | None:
     if column == NATURAL:
         return result["natural"]
     if column == AVERAGE:
-        return result["average_robust"]
+        if not average_of:
+            return result["average_robust"]
+        # the published Average's columns, so that ours averages the same attacks
+        values = [result["robust"].get(c) for c in average_of]
+        return None if None in values else statistics.fmean(values)
     if column == SUBSET:
         return result.get("natural_subset")
     return result["robust"].get(column)
 
 
-def load_records(root: Path) -> list[RunRecord]:
-    """Every run under an output directory, with its state and (if complete) its result."""
-    runs = find_runs(root)
-    if not runs:
+def load_records(root: Path, runs: dict[str, str] | None = None) -> list[RunRecord]:
+    """Every run under an output directory, with its state and (if complete) its result. With
+    `runs` (run id -> row label, from a grid), only those runs, labelled so."""
+    found = find_runs(root)
+    if runs is not None:
+        found = [run for run in found if run.run_id in runs]
+    if not found:
         raise ConfigError(
             f"{root}: no runs found; pass the grid's output directory (see `samat plan`)"
         )
     records = []
-    for run in runs:
+    for run in found:
         config = run.config()
         result = run.result()
         state = run.state()
         status = "done" if result else state["state"]
-        label = state.get("label") or method_label(config)
+        label = runs[run.run_id] if runs else state.get("label") or method_label(config)
         records.append(
             RunRecord(
                 run,
@@ -92,22 +111,49 @@ def load_records(root: Path) -> list[RunRecord]:
 
 
 # Rows in the papers' order: standard training, SAM variants, then adversarial training.
-METHOD_ORDER = {"standard": 0, "sam": 1, "asam": 2, "fgsm_at": 3, "pgd_at": 4}
+METHOD_ORDER = {
+    "standard": 0,
+    "sam": 1,
+    "esam": 2,
+    "asam": 3,
+    "looksam": 4,
+    "fgsm_at": 5,
+    "pgd_at": 6,
+}
 
 
-def group_rows(records: list[RunRecord]) -> list[Row]:
-    """One row per config without its seed, ordered by method, then label."""
-    rows: dict[str, Row] = {}
-    for record in records:
-        rows.setdefault(record.group, Row(record.label)).runs.append(record)
-    return sorted(
-        rows.values(),
-        key=lambda row: (METHOD_ORDER.get(row.runs[0].config["method"]["name"], 9), row.label),
+def _config_key(config: dict[str, Any]) -> tuple[Any, ...]:
+    # hyper-parameters by value: eps 16/255 before 128/255, linf before l2, SGD before Adam
+    method = config["method"]
+    return (
+        METHOD_ORDER.get(method["name"], 9),
+        config["train"]["optimizer"]["name"] != "sgd",
+        method.get("norm") == "l2",
+        method.get("eps") or 0.0,
+        method.get("rho") or 0.0,
     )
 
 
-def columns(records: list[RunRecord]) -> list[str]:
-    """Natural, then every attack label in first-seen order, then Average."""
+def group_rows(records: list[RunRecord], reference: PublishedTable | None = None) -> list[Row]:
+    """One row per config without its seed. Ordered by method and hyper-parameters; with a
+    reference, its rows first in the paper's order, then the rows it does not have."""
+    rows: dict[str, Row] = {}
+    for record in records:
+        rows.setdefault(record.group, Row(record.label)).runs.append(record)
+
+    def key(row: Row) -> tuple[Any, ...]:
+        config = row.runs[0].config
+        published = reference.find(config) if reference else None
+        index = reference.rows.index(published) if published else -1
+        return (published is None, index, *_config_key(config), row.label)
+
+    return sorted(rows.values(), key=key)
+
+
+def columns(records: list[RunRecord], reference: PublishedTable | None = None) -> list[str]:
+    """Natural, then every attack label in first-seen order, then Average. With a reference, the
+    reference's columns, in its order, also where no run has them yet (and no Average when the
+    reference has none)."""
     seen: dict[str, None] = {}
     subset = False
     for record in records:
@@ -116,25 +162,176 @@ def columns(records: list[RunRecord]) -> list[str]:
             seen.setdefault(label, None)
         if result.get("robust") and result.get("natural_subset") not in (None, result["natural"]):
             subset = True
-    return [NATURAL, *([SUBSET] if subset else []), *seen, AVERAGE]
+    natural = [NATURAL, *([SUBSET] if subset else [])]
+    if reference is not None:
+        return natural + [c for c in reference.columns if c != NATURAL]
+    return [*natural, *seen, AVERAGE]
+
+
+def hidden_columns(records: list[RunRecord], cols: list[str]) -> list[str]:
+    """Our attack columns that a reference's table leaves out."""
+    return [c for c in columns(records) if c not in cols and c != AVERAGE]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation and count of percentages; `ci` the 95% interval."""
+
+    mean: float
+    std: float
+    n: int
+    ci: tuple[float, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mean": self.mean, "std": self.std, "n": self.n}
+        if self.ci is not None:
+            out["ci95"] = list(self.ci)
+        return out
+
+
+def t_quantile(dof: int) -> float:
+    """The 97.5% quantile of Student's t with `dof` degrees of freedom (scipy: only for --ci;
+    scipy.special loads in half the time of scipy.stats)."""
+    from scipy.special import stdtrit
+
+    return float(stdtrit(dof, 0.5 + CONFIDENCE / 2))
+
+
+def describe(points: list[float], *, ci: bool = False) -> Stat | None:
+    """Stat of values already in percent (points); the interval needs two values or more."""
+    if not points:
+        return None
+    mean = statistics.fmean(points)
+    n = len(points)
+    std = statistics.stdev(points) if n > 1 else 0.0
+    interval = None
+    if ci and n > 1:
+        half = t_quantile(n - 1) * std / math.sqrt(n)
+        interval = (mean - half, mean + half)
+    return Stat(mean, std, n, interval)
 
 
 def summarize(values: list[float]) -> tuple[float, float] | None:
     """Mean and sample standard deviation (0 for one value), in percent."""
-    if not values:
-        return None
-    mean = statistics.fmean(values) * 100
-    std = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
-    return mean, std
+    stat = describe([v * 100 for v in values])
+    return None if stat is None else (stat.mean, stat.std)
 
 
-def _cell(row: Row, column: str) -> str:
-    values = row.values(column)
-    stats = summarize(values)
-    if stats is None:
+@dataclass
+class RowReport:
+    """One table row with what sits beside it: the published row and the paired differences."""
+
+    row: Row
+    cells: dict[str, Stat | None]
+    published: PublishedRow | None = None
+    # None: no --compare, or the baseline row itself
+    compare: dict[str, Stat | None] | None = None
+    pairs: int = 0
+
+    @property
+    def done(self) -> int:
+        return len(self.row.values(NATURAL))
+
+    def diff(self, column: str) -> float | None:
+        """Ours minus published, in points."""
+        stat = self.cells.get(column)
+        pub = self.published.values.get(column) if self.published else None
+        return None if stat is None or pub is None else stat.mean - pub
+
+
+@dataclass
+class Report:
+    title: str
+    cols: list[str]
+    rows: list[RowReport]
+    reference: PublishedTable | None = None
+    baseline: str | None = None
+    ci: bool = False
+    hidden: list[str] = field(default_factory=list)
+
+    def caption(self) -> list[str]:
+        lines = []
+        if self.ci:
+            lines.append(
+                f"cells: mean [{CONFIDENCE:.0%} CI, Student's t with n-1 dof]; "
+                "one seed: the mean alone"
+            )
+        ref = self.reference
+        if ref is not None:
+            matched = sum(r.published is not None for r in self.rows)
+            lines.append(
+                f"published: {ref.name}, {ref.title}; {matched} of {len(self.rows)} rows "
+                "matched; Δ published = ours − published, in points"
+            )
+            if ref.average_of and AVERAGE in ref.columns:
+                lines.append(
+                    f"Average: mean of the {len(ref.average_of)} published attack columns "
+                    "per run, as in the paper"
+                )
+            lines += [f"note ({ref.name}): {note}" for note in ref.notes]
+            if self.hidden:
+                lines.append(
+                    f"not in {ref.name}, not shown: {', '.join(self.hidden)} "
+                    "(collect without --reference shows them)"
+                )
+        if self.baseline is not None:
+            spread = "95% CI" if self.ci else "mean ± std"
+            lines.append(
+                f"Δ vs {self.baseline}: per-seed paired differences (row − {self.baseline}, "
+                f"runs paired by seed), {spread}, in points"
+            )
+        return lines
+
+
+def build(
+    records: list[RunRecord],
+    title: str,
+    *,
+    reference: PublishedTable | None = None,
+    ci: bool = False,
+    compare: str | None = None,
+) -> Report:
+    """The table's content, whatever the output format."""
+    rows, cols = group_rows(records, reference), columns(records, reference)
+    average_of = reference.average_of if reference else ()
+    baseline = _baseline(rows, compare) if compare is not None else None
+    reports = []
+    for row in rows:
+        cells = {c: describe([v * 100 for v in row.values(c, average_of)], ci=ci) for c in cols}
+        report = RowReport(row, cells, reference.find(row.runs[0].config) if reference else None)
+        if baseline is not None and row is not baseline:
+            report.compare = {}
+            for column in cols:
+                ours, theirs = row.by_seed(column, average_of), baseline.by_seed(column, average_of)
+                diffs = [(v - theirs[s]) * 100 for s, v in ours.items() if s in theirs]
+                report.compare[column] = describe(diffs, ci=ci)
+            report.pairs = len(set(row.by_seed(NATURAL)) & set(baseline.by_seed(NATURAL)))
+        reports.append(report)
+    hidden = hidden_columns(records, cols) if reference else []
+    return Report(title, cols, reports, reference, compare, ci, hidden)
+
+
+def _baseline(rows: list[Row], label: str) -> Row:
+    found = [row for row in rows if row.label == label]
+    if not found:
+        labels = ", ".join(repr(row.label) for row in rows)
+        raise ConfigError(f"--compare {label!r} is not a row of the table; choose one of {labels}")
+    if len(found) > 1:
+        raise ConfigError(
+            f"--compare {label!r} names {len(found)} rows (configs that differ in what the label "
+            "does not show); collect the grid file instead of the directory to tell them apart"
+        )
+    return found[0]
+
+
+def _fmt(stat: Stat | None, *, signed: bool = False) -> str:
+    if stat is None:
         return "-"
-    mean, std = stats
-    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+    number = "{:+.1f}" if signed else "{:.1f}"
+    text = number.format(stat.mean)
+    if stat.ci is not None:
+        return f"{text} [{number.format(stat.ci[0])}, {number.format(stat.ci[1])}]"
+    return f"{text} ± {stat.std:.1f}" if stat.n > 1 else text
 
 
 def _status(row: Row) -> str:
@@ -142,30 +339,101 @@ def _status(row: Row) -> str:
     return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
 
 
-def rich_table(rows: list[Row], cols: list[str], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("Method", style="bold")
-    for column in cols:
+@dataclass(frozen=True)
+class Line:
+    """One printed line: a row, or one of its sub-rows (published, diff, compare)."""
+
+    label: str
+    cells: list[str]
+    runs: str
+    kind: str
+    # seeds done (a row) or seed pairs (a comparison); None for the published lines
+    n: int | None = None
+
+
+def _lines(report: Report) -> list[Line]:
+    """Every printed line: each row, then its published numbers, its difference to them and its
+    paired difference to the baseline."""
+    out = []
+    for r in report.rows:
+        cells = [_fmt(r.cells[c]) for c in report.cols]
+        out.append(Line(r.row.label, cells, _status(r.row), "row", r.done))
+        if r.published is not None and report.reference is not None:
+            pub = [r.published.values.get(c) for c in report.cols]
+            cells = ["-" if v is None else f"{v:.1f}" for v in pub]
+            out.append(Line("  published", cells, "", "published"))
+            diffs = [r.diff(c) for c in report.cols]
+            cells = ["-" if d is None else f"{d:+.1f}" for d in diffs]
+            out.append(Line("  Δ published", cells, "", "diff"))
+        if r.compare is not None:
+            cells = [_fmt(r.compare[c], signed=True) for c in report.cols]
+            pairs = f"{r.pairs} pair{'s' if r.pairs != 1 else ''}"
+            out.append(Line(f"  Δ vs {report.baseline}", cells, pairs, "compare", r.pairs))
+    return out
+
+
+def rich_table(report: Report) -> Table:
+    caption = report.caption()
+    table = Table(title=report.title, caption="\n".join(caption) or None, caption_justify="left")
+    # the labels and the runs column stay on one line; the numbers wrap first on a narrow screen
+    table.add_column("Method", style="bold", no_wrap=True)
+    for column in report.cols:
         table.add_column(column, justify="right")
-    table.add_column("Runs")
-    for row in rows:
-        table.add_row(row.label, *(_cell(row, c) for c in cols), _status(row))
+    table.add_column("Runs", no_wrap=True)
+    lines = _lines(report)
+    sections = any(line.kind != "row" for line in lines)
+    for i, line in enumerate(lines):
+        last = i + 1 == len(lines) or lines[i + 1].kind == "row"
+        table.add_row(
+            line.label,
+            *line.cells,
+            line.runs,
+            style=None if line.kind == "row" else "dim",
+            end_section=sections and last,
+        )
     return table
 
 
-def flat_rows(rows: list[Row], cols: list[str]) -> list[dict[str, Any]]:
-    """One mapping per table row with mean/std per column (percent) for CSV, Markdown, JSON."""
+def natural_width(table: Table) -> int:
+    """The width at which no cell of the table wraps (for a pipe, a log file or --out)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    probe = Console(width=10_000)
+    return Measurement.get(probe, probe.options, table).maximum
+
+
+def flat_rows(report: Report) -> list[dict[str, Any]]:
+    """One mapping per table row with mean/std/n per column (percent) for CSV, Markdown, JSON;
+    `published` and `compare` when asked for."""
     out = []
-    for row in rows:
+    for r in report.rows:
         entry: dict[str, Any] = {
-            "method": row.label,
-            "runs": len(row.runs),
-            "done": len(row.values(NATURAL)),
-            "states": row.states(),
+            "method": r.row.label,
+            "runs": len(r.row.runs),
+            "done": r.done,
+            "states": r.row.states(),
         }
-        for column in cols:
-            stats = summarize(row.values(column))
-            entry[column] = None if stats is None else {"mean": stats[0], "std": stats[1]}
+        for column in report.cols:
+            stat = r.cells[column]
+            entry[column] = None if stat is None else stat.to_json()
+        if report.reference is not None:
+            entry["published"] = None
+            if r.published is not None:
+                entry["published"] = {
+                    "table": report.reference.name,
+                    "row": r.published.label,
+                    "values": {c: r.published.values.get(c) for c in report.cols},
+                    "diff": {c: r.diff(c) for c in report.cols},
+                }
+        if report.baseline is not None:
+            entry["compare"] = None
+            if r.compare is not None:
+                entry["compare"] = {
+                    "baseline": report.baseline,
+                    "pairs": r.pairs,
+                    "diff": {c: None if s is None else s.to_json() for c, s in r.compare.items()},
+                }
         out.append(entry)
     return out
 
@@ -197,59 +465,142 @@ def per_run(records: list[RunRecord]) -> list[dict[str, Any]]:
     return out
 
 
-def to_csv(rows: list[Row], cols: list[str]) -> str:
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def to_csv(report: Report) -> str:
+    """One line per row: per column mean and std, then (when asked for) the interval, the
+    published value and ours minus it, the paired difference to the baseline."""
+    base = report.baseline
+    header = ["method"]
+    for c in report.cols:
+        header += [f"{c} mean", f"{c} std"]
+        header += [f"{c} ci95 low", f"{c} ci95 high"] if report.ci else []
+        header += [f"{c} published", f"{c} diff"] if report.reference else []
+        header += [f"{c} vs {base} mean", f"{c} vs {base} std"] if base is not None else []
+    header += ["seeds"]
+    header += ["published row"] if report.reference else []
+    header += [f"pairs with {base}"] if base is not None else []
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", *(f"{c} {k}" for c in cols for k in ("mean", "std")), "seeds"])
-    for entry in flat_rows(rows, cols):
-        cells = []
-        for c in cols:
-            stats = entry[c]
-            cells += ["", ""] if stats is None else [f"{stats['mean']:.2f}", f"{stats['std']:.2f}"]
-        writer.writerow([entry["method"], *cells, entry["done"]])
+    writer.writerow(header)
+    for r in report.rows:
+        cells = [r.row.label]
+        for c in report.cols:
+            stat = r.cells[c]
+            cells += [_num(stat and stat.mean), _num(stat and stat.std)]
+            if report.ci:
+                interval = stat.ci if stat and stat.ci else (None, None)
+                cells += [_num(interval[0]), _num(interval[1])]
+            if report.reference:
+                cells += [_num(r.published and r.published.values.get(c)), _num(r.diff(c))]
+            if base is not None:
+                diff = r.compare.get(c) if r.compare else None
+                cells += [_num(diff and diff.mean), _num(diff and diff.std)]
+        cells.append(str(r.done))
+        if report.reference:
+            cells.append(r.published.label if r.published else "")
+        if base is not None:
+            cells.append(str(r.pairs) if r.compare is not None else "")
+        writer.writerow(cells)
     return buffer.getvalue()
 
 
-def _text_table(rows: list[Row], cols: list[str], *, latex: bool) -> str:
-    header = ["Method", *cols]
-    body = [[row.label, *(_cell(row, c) for c in cols)] for row in rows]
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "−": r"$-$",
+}
+
+
+def _latex(text: str) -> str:
+    text = "".join(_LATEX.get(ch, ch) for ch in text)
+    return r"\quad " + text.lstrip() if text.startswith("  ") else text
+
+
+def _markdown(text: str) -> str:
+    # a sub-row's indent would vanish in Markdown: an arrow shows it instead
+    return "↳ " + text.lstrip() if text.startswith("  ") else text.replace("|", "\\|")
+
+
+def _text_table(report: Report, *, latex: bool) -> str:
+    """Markdown or LaTeX: the table's lines with n (seeds done, or seed pairs) last, then the
+    caption (LaTeX: as comments)."""
+    header = ["Method", *report.cols, "n"]
+    body = [
+        [line.label, *line.cells, "" if line.n is None else str(line.n)] for line in _lines(report)
+    ]
+    caption = report.caption()
     if latex:
         lines = [
-            r"\begin{tabular}{l" + "r" * len(cols) + "}",
+            r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
             r"\toprule",
-            " & ".join(header) + r" \\",
+            " & ".join(_latex(h) for h in header) + r" \\",
             r"\midrule",
         ]
-        lines += [" & ".join(cells).replace("±", r"$\pm$") + r" \\" for cells in body]
-        return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+        lines += [" & ".join(_latex(c) for c in cells) + r" \\" for cells in body]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        lines += [f"% {line}" for line in caption]
+        return "\n".join(lines) + "\n"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += ["| " + " | ".join(_markdown(c) for c in cells) + " |" for cells in body]
+    if caption:
+        lines += ["", *caption]
     return "\n".join(lines) + "\n"
 
 
-def render(root: Path, fmt: str, *, per_run_json: bool = False) -> str | Table:
-    """The report in one format: a rich Table for 'table', text for the others."""
-    records = load_records(root)
-    rows, cols = group_rows(records), columns(records)
-    if fmt == "json":
-        data = per_run(records) if per_run_json else flat_rows(rows, cols)
-        return json.dumps(data, indent=2) + "\n"
-    if fmt == "csv":
-        return to_csv(rows, cols)
-    if fmt in ("markdown", "latex"):
-        return _text_table(rows, cols, latex=fmt == "latex")
+def render(
+    root: Path,
+    fmt: str,
+    *,
+    per_run_json: bool = False,
+    reference: str | None = None,
+    ci: bool = False,
+    compare: str | None = None,
+    runs: dict[str, str] | None = None,
+) -> str | Table:
+    """The report in one format: a rich Table for 'table', text for the others. `reference`
+    names a published table (table1 .. table7), `ci` asks for 95% t-intervals, `compare` names
+    the baseline row for paired differences, `runs` keeps only a grid's runs (id -> label)."""
+    from samat import published
+
+    table = published.table(reference) if reference is not None else None
+    records = load_records(root, runs)
+    if fmt == "json" and per_run_json:
+        return json.dumps(per_run(records), indent=2) + "\n"
     done = sum(r.state == "done" for r in records)
-    return rich_table(rows, cols, f"{root} — {done}/{len(records)} runs done (accuracy %)")
+    title = f"{root} — {done}/{len(records)} runs done (accuracy %)"
+    report = build(records, title, reference=table, ci=ci, compare=compare)
+    if fmt == "json":
+        return json.dumps(flat_rows(report), indent=2) + "\n"
+    if fmt == "csv":
+        return to_csv(report)
+    if fmt in ("markdown", "latex"):
+        return _text_table(report, latex=fmt == "latex")
+    return rich_table(report)
 
 
-def plot(root: Path, out: Path, attack: str | None = None) -> Path:
+def plot(
+    root: Path, out: Path, attack: str | None = None, runs: dict[str, str] | None = None
+) -> Path:
     """Clean vs robust accuracy scatter (one point per run, one colour per method row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = load_records(root)
+    records = load_records(root, runs)
     rows, cols = group_rows(records), columns(records)
     column = attack or AVERAGE
     if column not in cols:

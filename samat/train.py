@@ -18,7 +18,14 @@ import torch
 from rich.progress import Progress, TimeElapsedColumn
 
 from samat import __version__, attacks, methods, models
-from samat.config import AttackSpec, ConfigError, OptimizerConfig, RunConfig, ScheduleConfig
+from samat.config import (
+    AdversarialMethod,
+    AttackSpec,
+    ConfigError,
+    OptimizerConfig,
+    RunConfig,
+    ScheduleConfig,
+)
 from samat.data import DeviceLoader, Split, load_dataset, split_validation
 from samat.evaluate import Interrupted, StopFlag, clean_accuracy, evaluate_run
 from samat.grid import run_id
@@ -480,7 +487,7 @@ def validation_attack(config: RunConfig) -> AttackSpec | None:
     if chosen is not None:
         return attacks.resolve([chosen])[0]
     method = config.method
-    if method.name in ("pgd_at", "fgsm_at"):
+    if isinstance(method, AdversarialMethod):
         return AttackSpec(attack="pgd", norm=method.norm, eps=method.eps, steps=10)
     return None
 

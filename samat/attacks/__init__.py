@@ -138,7 +138,7 @@ def check(spec: AttackSpec) -> None:
     """Errors that need no model: fields an attack does not use, unknown or reserved options."""
     name = label(spec)
     record = kind(spec)
-    if spec.norm not in record.norms and "norm" in spec.model_fields_set:
+    if record.bounded and spec.norm not in record.norms:
         raise ConfigError(
             f"attack {name!r}: {spec.attack} supports norm {', '.join(record.norms)} only"
             + ("; use pgd with steps: 1 for l2" if spec.attack == "fgsm" else "")
@@ -147,7 +147,11 @@ def check(spec: AttackSpec) -> None:
         raise ConfigError(f"attack {name!r}: {spec.attack} takes no steps; remove `steps`")
     if spec.alpha is not None and not record.takes_alpha:
         raise ConfigError(f"attack {name!r}: `alpha` applies to pgd only; remove it")
-    if not record.bounded and spec.model_fields_set & {"eps", "norm"}:
+    # by value, not by which keys were written: a request read back from eval.json has them all
+    defaults = AttackSpec.model_fields
+    if not record.bounded and (
+        spec.eps != defaults["eps"].default or spec.norm != defaults["norm"].default
+    ):
         raise ConfigError(f"attack {name!r}: {spec.attack} has no eps or norm; remove them")
     if not spec.options:
         return

@@ -106,7 +106,7 @@ KINDS: dict[str, AttackKind] = {
             None,
             "never",
             False,
-            options=frozenset({"root", "corruptions", "severities"}),
+            options=frozenset({"root", "dataset", "corruptions", "severities"}),
             per_batch=False,
             reference="Hendrycks & Dietterich 2019 (CIFAR-10-C)",
         ),
