@@ -443,6 +443,11 @@ def _is_union_tag(part: Any) -> bool:
     )
 
 
+def validate_method(data: dict[str, Any]) -> Any:
+    """The method config of a stored run (a dict from config.yaml)."""
+    return RunConfig.model_validate({"method": data}).method
+
+
 def validate_run(data: dict[str, Any], source: str = "run config") -> RunConfig:
     """Build a RunConfig or raise ConfigError with a one-line message."""
     try:

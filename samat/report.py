@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.table import Table
 
-from samat.config import ConfigError
+from samat.config import ConfigError, validate_method
 from samat.grid import group_id, method_label
 from samat.published import PublishedRow, PublishedTable
 from samat.store import RunDir, find_runs
@@ -110,23 +110,11 @@ def load_records(root: Path, runs: dict[str, str] | None = None) -> list[RunReco
     return records
 
 
-# Rows in the papers' order: standard training, SAM variants, then adversarial training.
-METHOD_ORDER = {
-    "standard": 0,
-    "sam": 1,
-    "esam": 2,
-    "asam": 3,
-    "looksam": 4,
-    "fgsm_at": 5,
-    "pgd_at": 6,
-}
-
-
 def _config_key(config: dict[str, Any]) -> tuple[Any, ...]:
     # hyper-parameters by value: eps 16/255 before 128/255, linf before l2, SGD before Adam
     method = config["method"]
     return (
-        METHOD_ORDER.get(method["name"], 9),
+        validate_method(method).rank(),
         config["train"]["optimizer"]["name"] != "sgd",
         method.get("norm") == "l2",
         method.get("eps") or 0.0,

@@ -5,17 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from samat.attacks.kinds import default_alpha
 from samat.config import Norm
 from samat.methods.base import Method, StepResult, classification_loss
 from samat.methods.batchnorm import frozen_bn_stats
 
 # Guards divisions by a per-example norm; far below any gradient or perturbation that matters.
 _TINY = 1e-12
-
-
-def default_alpha(norm: Norm, eps: float) -> float:
-    """PGD step size when none is given: eps / 4 for l_inf, eps / 8 for l_2 (the papers' choice)."""
-    return eps / 4 if norm == "linf" else eps / 8
 
 
 def _per_example_norm(x: torch.Tensor) -> torch.Tensor:
