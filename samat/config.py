@@ -27,9 +27,13 @@ class ConfigError(ValueError):
 def parse_budget(value: Any) -> Any:
     """Accept '8/255', '8 / 255' and plain numbers for attack budgets and step sizes."""
     if isinstance(value, str):
-        text = value.replace(" ", "")
         try:
-            return float(Fraction(text)) if "/" in text else float(text)
+            if "/" in value:
+                numerator, denominator = value.split("/", 1)
+                if "/" in denominator:
+                    raise ValueError(value)
+                return float(Fraction(numerator.strip()) / Fraction(denominator.strip()))
+            return float(value.strip())
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"{value!r} is not a number or a fraction such as '8/255'") from None
     return value

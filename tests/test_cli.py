@@ -115,3 +115,17 @@ def test_collect_unknown_directory(tmp_path):
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0 and "samat" in result.output
+
+
+def test_help_and_status_import_neither_torch_nor_scipy():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from samat.cli import cli\n"
+        "result = CliRunner().invoke(cli, ['--help'])\n"
+        "assert result.exit_code == 0 and 'theory' in result.output, result.output\n"
+        "CliRunner().invoke(cli, ['status', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

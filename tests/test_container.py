@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,13 +25,18 @@ import yaml
 from samat import __version__
 from samat.config import ConfigError, ContainerConfig, load_grid, validate_run
 from samat.container import (
+    ENV_FILE,
+    bind_job_gpus,
     container_name,
-    env_exports,
+    env_setup,
+    for_grid,
+    job_gpus,
     srun_args,
     stop_command,
     task_command,
     validate,
     wrap,
+    write_env_file,
 )
 from samat.grid import RunSpec, expand, method_label, run_id
 from samat.store import RunDir, prepare
@@ -39,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CI_DIR = Path(os.environ.get("SAMAT_CI_DIR", "/var/lib/samat-ci"))
 IMAGE = os.environ.get("SAMAT_CI_IMAGE", "localhost/samat:ci")
 APPTAINER = ROOT / ".ci" / "container-apptainer"
-# Values that break naive quoting: spaces, both quotes, commas, =, $, backquotes, backslashes and
-# a newline.
+# Values that break naive quoting: spaces, both quotes, commas, =, $, backquotes, backslashes, a
+# final quote, a leading space. (Control characters such as a newline are config errors.)
 NASTY = {
     "PLAIN": "1",
     "QUOTES": 'it\'s "quoted" here',
@@ -48,7 +54,8 @@ NASTY = {
     "EQ": 'x="1,2"',
     "DOLLAR": "$HOME ${X} `id`",
     "SLASH": "back\\slash\\",
-    "LINES": "one\ntwo=2",
+    "FINAL": 'say "hi"',
+    "SPACE": " lead and trail ",
 }
 
 
@@ -60,6 +67,7 @@ def cfg(**fields: object) -> ContainerConfig:
 def uid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "getuid", lambda: 1234)
     monkeypatch.setattr(os, "getgid", lambda: 99)
+    monkeypatch.setattr(os, "getgroups", lambda: [99])
 
 
 # -- argv ---------------------------------------------------------------------------------------
@@ -76,7 +84,13 @@ def test_apptainer_argv() -> None:
         env={"A": "1", "B": "x y"},
         binds=["/data sets/cifar:/data:ro", "/scratch:/scratch"],
     )
-    assert wrap(config, ["samat", "run", "/my out/runs/r1"], workdirs=[Path("/my out")]) == [
+    argv = wrap(
+        config,
+        ["samat", "run", "/my out/runs/r1"],
+        workdirs=[Path("/my out")],
+        env_file=Path("/my out/.samat/container.env"),
+    )
+    assert argv == [
         "apptainer",
         "exec",
         "--nv",
@@ -87,51 +101,91 @@ def test_apptainer_argv() -> None:
         "--bind",
         "/my out:/my out",
         "--no-eval",
-        "--env",
-        "A=1",
-        "--env",
-        "B=x y",
+        "--env-file",
+        "/my out/.samat/container.env",
         "/images/samat.sif",
         "samat",
         "run",
         "/my out/runs/r1",
     ]
+    # the values never go on the command line, where every user of the node can read them
+    assert not any("x y" in arg for arg in argv)
+    with pytest.raises(ValueError, match="env_file"):
+        wrap(config, ["true"])
 
 
-def test_apptainer_env_items_survive_its_parser() -> None:
+def test_env_file_is_private_and_apptainer_reads_each_value_back(tmp_path: Path) -> None:
+    """Apptainer's --env-file is shell: the file, sourced by sh, gives back every value."""
     config = cfg(runtime="apptainer", image="docker://samat", gpu=False, env=NASTY)
-    command = wrap(config, ["true"])
-    assert command[:3] == ["apptainer", "exec", "--no-eval"]  # no $ or ` expansion inside
-    assert command[3:-2:2] == ["--env"] * len(NASTY)
-    assert command[4:-2:2] == [
-        "PLAIN=1",
-        'QUOTES=it\'s "quoted" here',
-        '"COMMA=a,b,c=d"',
-        '"EQ=x=""1,2"""',
-        "DOLLAR=$HOME ${X} `id`",
-        "SLASH=back\\slash\\",
-        '"LINES=one\ntwo=2"',
-    ]
-
-
-def test_apptainer_cannot_pass_a_final_quote_without_an_equals_sign() -> None:
-    with pytest.raises(ConfigError, match=r"container.env.X: Apptainer drops a final"):
-        wrap(cfg(runtime="apptainer", image="i.sif", env={"X": 'say "hi"'}), ["true"])
-    assert (
-        wrap(cfg(runtime="apptainer", image="i.sif", gpu=False, env={"X": 'a="hi"'}), ["true"])[4]
-        == '"X=a=""hi"""'
+    path = write_env_file(config, tmp_path / "out")
+    assert path == tmp_path / "out" / ENV_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    code = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(NASTY)!r}}}))"
+    shell = (
+        f"set -a; . {shlex.quote(str(path))}; set +a; exec {sys.executable} -c {shlex.quote(code)}"
     )
+    proc = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout) == NASTY
+    assert write_env_file(cfg(runtime="apptainer", image="x.sif"), tmp_path / "empty") is None
+    assert not (tmp_path / "empty").exists()
 
 
-def test_docker_argv(uid: None) -> None:
+def test_docker_env_file_has_one_literal_line_per_variable(tmp_path: Path) -> None:
+    config = cfg(runtime="docker", image="samat", env=NASTY)
+    lines = write_env_file(config, tmp_path).read_text().splitlines()
+    # docker and podman take everything after the first '=' as it is: no quoting
+    assert lines == [f"{name}={value}" for name, value in NASTY.items()]
+    assert dict(line.split("=", 1) for line in lines) == NASTY
+
+
+@pytest.mark.parametrize("value", ["one\ntwo", "cr\rhere", "nul\x00", "esc\x1b[0m", "tab\tx"])
+def test_control_characters_in_env_values_are_config_errors(value: str) -> None:
+    with pytest.raises(ValueError, match=r"container\.env.*'A'.* contains "):
+        load_grid_from(
+            {"name": "g", "container": {"runtime": "docker", "image": "i", "env": {"A": value}}}
+        )
+
+
+def load_grid_from(data: dict[str, object]) -> object:
+    from pydantic import ValidationError
+
+    from samat.config import GridConfig, format_validation_error
+
+    try:
+        return GridConfig.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error, "grid")) from None
+
+
+def test_docker_argv(uid: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getgroups", lambda: [99, 5, 1001])
     config = cfg(runtime="docker", image="samat:latest", env=NASTY, binds=["/data:/data:ro"])
-    assert wrap(config, ["samat", "run", "/out/runs/r1"], workdirs=[Path("/out")]) == [
+    argv = wrap(
+        config,
+        ["samat", "run", "/out/runs/r1"],
+        workdirs=[Path("/out")],
+        env_file=Path("/out/.samat/container.env"),
+        cpus=8,
+        mem_gb=1.5,
+    )
+    assert argv == [
         "docker",
         "run",
         "--rm",
         "--init",
         "--user",
         "1234:99",
+        # the user's supplementary groups (not the primary one again)
+        "--group-add",
+        "5",
+        "--group-add",
+        "1001",
+        # the daemon runs the container outside the job's cgroup: the job's limits
+        "--cpus",
+        "8",
+        "--memory",
+        "1536m",
         "--gpus",
         "all",
         "--env",
@@ -140,13 +194,15 @@ def test_docker_argv(uid: None) -> None:
         "/data:/data:ro",
         "--volume",
         "/out:/out",
-        *[arg for name, value in NASTY.items() for arg in ("--env", f"{name}={value}")],
+        "--env-file",
+        "/out/.samat/container.env",
         "--entrypoint",
         "samat",
         "samat:latest",
         "run",
         "/out/runs/r1",
     ]
+    assert not any(value in argv for value in NASTY.values())
 
 
 def test_podman_as_docker_maps_the_user_and_uses_cdi_for_gpus(uid: None) -> None:
@@ -249,7 +305,7 @@ def test_docker_binds_paths_with_commas_but_nobody_binds_colons() -> None:
         wrap(docker, ["true"], workdirs=[Path("/odd:dir")])
 
 
-def test_pyxis_srun_args_and_env_exports() -> None:
+def test_pyxis_srun_args_and_env_setup() -> None:
     config = cfg(
         runtime="pyxis",
         image="nvcr.io#nvidia/pytorch:24.05-py3",
@@ -261,11 +317,89 @@ def test_pyxis_srun_args_and_env_exports() -> None:
         "--container-mounts=/data:/data:ro,/out:/out",
         "--container-env=A,B",
     ]
-    assert env_exports(config) == ["export A='x y'", "export B='$1'"]
+    # the sbatch script sources the private env file: the values stay out of the script
+    assert env_setup(config, Path("/my out")) == [
+        "set -a",
+        ". '/my out/.samat/container.env'",
+        "set +a",
+    ]
+    assert env_setup(cfg(runtime="pyxis", image="i"), Path("/o")) == []
     # pyxis already runs the task in the image: its command stays as it is
     assert wrap(config, ["samat", "run", "/out/runs/r"]) == ["samat", "run", "/out/runs/r"]
     with pytest.raises(ValueError, match="pyxis"):
         srun_args(cfg(runtime="docker", image="i"))
+
+
+# -- GPUs -----------------------------------------------------------------------------------------
+
+
+def test_container_gpu_follows_the_grids_gpu_request(tmp_path: Path, uid: None) -> None:
+    from samat.config import SlurmConfig
+
+    docker = cfg(runtime="docker", image="i")
+    assert docker.gpu is None
+    no_gpu = task_command(docker, tmp_path / "runs" / "r", slurm=SlurmConfig(gpus_per_node=0))
+    assert "--gpus" not in no_gpu and "CUDA_VISIBLE_DEVICES" not in no_gpu
+    two = task_command(docker, tmp_path / "runs" / "r", slurm=SlurmConfig(gpus_per_node=2))
+    assert two[two.index("--gpus") + 1] == "all"
+    assert for_grid(docker, SlurmConfig(gpus_per_node=0)).gpu is False
+    # an explicit setting wins
+    assert for_grid(cfg(runtime="docker", image="i", gpu=True), SlurmConfig(gpus_per_node=0)).gpu
+    apptainer = cfg(runtime="apptainer", image="docker://x")
+    assert "--nv" not in task_command(
+        apptainer, tmp_path / "runs" / "r", slurm=SlurmConfig(gpus_per_node=0)
+    )
+    assert "--nv" in task_command(apptainer, tmp_path / "runs" / "r", slurm=SlurmConfig())
+    # limits from the slurm section
+    limited = task_command(
+        docker, tmp_path / "runs" / "r", slurm=SlurmConfig(cpus_per_task=6, mem_gb=32)
+    )
+    assert limited[limited.index("--cpus") + 1] == "6"
+    assert limited[limited.index("--memory") + 1] == "32768m"
+
+
+def test_job_gpus_prefer_slurms_own_ids() -> None:
+    assert job_gpus({"SLURM_JOB_GPUS": "2,3", "CUDA_VISIBLE_DEVICES": "0,1"}) == ["2", "3"]
+    assert job_gpus({"SLURM_STEP_GPUS": "5"}) == ["5"]
+    assert job_gpus({"CUDA_VISIBLE_DEVICES": "GPU-1a2b-3c"}) == ["GPU-1a2b-3c"]
+    assert job_gpus({}) is None
+    # something that is not a GPU list is not trusted
+    assert job_gpus({"SLURM_JOB_GPUS": "0;rm -rf /"}) is None
+
+
+def test_the_task_narrows_docker_and_podman_to_the_jobs_gpus(uid: None) -> None:
+    docker = wrap(cfg(runtime="docker", image="i"), ["samat", "run", "/o/runs/r"])
+    job = {"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2,3", "CUDA_VISIBLE_DEVICES": "0,1"}
+    narrowed = bind_job_gpus(docker, job)
+    assert narrowed[narrowed.index("--gpus") + 1] == '"device=2,3"'
+    # the container numbers its GPUs from 0: the host's CUDA_VISIBLE_DEVICES would hide them
+    assert "CUDA_VISIBLE_DEVICES" not in narrowed
+    assert narrowed[-4:] == docker[-4:]  # entrypoint, image and command untouched
+    podman = wrap(cfg(runtime="docker", executable="podman", image="i"), ["samat"])
+    devices = bind_job_gpus(podman, job)
+    assert [devices[i + 1] for i, a in enumerate(devices) if a == "--device"] == [
+        "nvidia.com/gpu=2",
+        "nvidia.com/gpu=3",
+    ]
+    # a SLURM job without GPUs gets none; outside SLURM without a list, all stay
+    none = bind_job_gpus(docker, {"SLURM_JOB_ID": "7"})
+    assert "--gpus" not in none and "all" not in none
+    assert bind_job_gpus(docker, {}) == docker
+    # local runs: LocalExecutor's CUDA_VISIBLE_DEVICES names the host's GPUs
+    local = bind_job_gpus(docker, {"CUDA_VISIBLE_DEVICES": "1"})
+    assert local[local.index("--gpus") + 1] == '"device=1"'
+    apptainer = wrap(cfg(runtime="apptainer", image="docker://x"), ["samat"])
+    assert bind_job_gpus(apptainer, job) == apptainer
+
+
+def test_pyxis_python_is_configurable(tmp_path: Path) -> None:
+    from samat.config import GridConfig
+    from samat.launch.submit import executor_settings
+
+    grid = GridConfig(name="g", container={"runtime": "pyxis", "image": "nvcr.io#x/y:1"})
+    assert executor_settings(grid, tmp_path)[1] == "/opt/venv/bin/python"
+    grid.container = {"runtime": "pyxis", "image": "nvcr.io#x/y:1", "python": "/usr/bin/python3"}
+    assert executor_settings(grid, tmp_path)[1] == "/usr/bin/python3"
 
 
 # -- validate -----------------------------------------------------------------------------------
@@ -429,6 +563,7 @@ def test_a_run_in_the_container_writes_its_result_on_the_host(tmp_path: Path, po
         gpu=False,
         env={"SAMAT_TEST_VALUE": NASTY["QUOTES"]},
     )
+    write_env_file(config, output)
     proc = subprocess.run(
         task_command(config, run.path, output_root=output),
         capture_output=True,
@@ -444,15 +579,29 @@ def test_a_run_in_the_container_writes_its_result_on_the_host(tmp_path: Path, po
 
 
 @pytest.mark.container
-def test_env_values_reach_the_docker_container_unchanged(podman: str) -> None:
+def test_env_values_reach_the_docker_container_unchanged(tmp_path: Path, podman: str) -> None:
     config = cfg(runtime="docker", executable=podman, image=IMAGE, gpu=False, env=NASTY)
-    assert container_env(config) == NASTY
+    assert container_env(config, tmp_path) == NASTY
 
 
-def container_env(config: ContainerConfig) -> dict[str, str]:
+def container_env(
+    config: ContainerConfig, output: Path, owner: str | None = None
+) -> dict[str, str]:
+    """The NASTY variables as a container sees them, passed through the grid's env file (owned
+    by `owner`, the user the runtime runs as, when given)."""
+    env_file = write_env_file(config, output)
+    if owner is not None:
+        import pwd
+
+        user = pwd.getpwnam(owner)
+        for path in (env_file.parent, env_file):
+            os.chown(path, user.pw_uid, user.pw_gid)
     code = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(NASTY)!r}}}))"
     proc = subprocess.run(
-        wrap(config, ["python3", "-c", code]), capture_output=True, text=True, timeout=300
+        wrap(config, ["python3", "-c", code], env_file=env_file),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -498,7 +647,9 @@ def test_apptainer_runs_samat_from_the_image(apptainer_rootfs: Path) -> None:
 
 
 @pytest.mark.container
-def test_env_values_reach_the_apptainer_container_unchanged(apptainer_rootfs: Path) -> None:
+def test_env_values_reach_the_apptainer_container_unchanged(
+    apptainer_rootfs: Path, apptainer_work: Path
+) -> None:
     config = cfg(
         runtime="apptainer",
         executable=str(APPTAINER),
@@ -506,7 +657,9 @@ def test_env_values_reach_the_apptainer_container_unchanged(apptainer_rootfs: Pa
         gpu=False,
         env=NASTY,
     )
-    assert container_env(config) == NASTY
+    # Apptainer runs as nobody in CI (.ci/container-apptainer): the private file is theirs
+    owner = "nobody" if os.getuid() == 0 else None
+    assert container_env(config, apptainer_work / "out", owner) == NASTY
 
 
 @pytest.mark.container

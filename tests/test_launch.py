@@ -197,7 +197,9 @@ def test_pyxis_starts_submitit_in_the_image(tmp_path: Path, slurm_bin) -> None:
     submit_grid(grid, executor="slurm", dry_run=True, console=console)
     script = console.export_text()
     assert "--container-image=nvcr.io#nvidia/pytorch:24.05" in script
-    assert "export A=1" in script.splitlines()
+    # the value stays out of the script: it sources the grid's private env file
+    env_file = tmp_path / "out" / ".samat" / "container.env"
+    assert f". {env_file}" in script.splitlines() and "A=1" not in script
     assert "/opt/venv/bin/python -u -m submitit.core._submit" in script
     assert "each task runs" not in script  # the run executes in submitit's own process
     with pytest.raises(ConfigError, match="'pyxis' runs through SLURM's srun"):
@@ -395,7 +397,8 @@ def test_status_joins_run_dirs_with_the_scheduler(tmp_path: Path, slurm_bin) -> 
     )
     assert rows[3].note == "job TIMEOUT, no result"
     console = recording_console()
-    assert show_status(tmp_path / "out", console=console) == 0
+    # exit status 1: runs failed
+    assert show_status(tmp_path / "out", console=console) == 1
     text = console.export_text()
     assert text.splitlines()[-1] == "6 runs: 1 done, 1 running, 1 queued, 2 failed, 1 interrupted"
 
@@ -488,7 +491,7 @@ def test_local_executor_runs_one_after_another(
     grid = make_grid(tmp_path, seeds=2, timeout_min=2)
     monkeypatch.setattr(
         "samat.launch.submit.container_commands",
-        lambda cfg, specs, output: {
+        lambda cfg, specs, output, *limits: {
             spec.run_id: write_result_command(
                 spec.run_dir, canonical_key(spec.config.eval.model_dump(mode="json"))
             )

@@ -129,3 +129,45 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobInfo] | None:
 
 def is_slurm_id(job_id: str) -> bool:
     return re.fullmatch(r"\d+(_\d+)?", job_id) is not None
+
+
+def array_id(job_id: str) -> str:
+    """'123' for '123_4' (an array task) and for '123'."""
+    return job_id.split("_")[0]
+
+
+def jobs_named(name: str) -> list[tuple[str, str]] | None:
+    """(array job id, batch script path) of this user's queued or running jobs named `name`;
+    None when squeue does not answer."""
+    out = query(["squeue", "-h", "--me", f"--name={name}", "-o", "%A|%o"])
+    if out is None:
+        return None
+    jobs = []
+    for line in out.splitlines():
+        job_id, _, command = line.strip().partition("|")
+        if is_slurm_id(job_id):
+            jobs.append((job_id, command))
+    return sorted(set(jobs))
+
+
+def scancel(job_ids: Iterable[str]) -> str | None:
+    """Cancel jobs ('123' a whole array, '123_4' one task): None when done, else scancel's first
+    line of complaint. Jobs that have already ended are not a complaint."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return None
+    try:
+        done = subprocess.run(
+            ["scancel", *ids], capture_output=True, text=True, timeout=QUERY_TIMEOUT_S
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"scancel did not run ({type(error).__name__}: {error})"
+    if done.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+    # a job that ended (or was purged) since it was looked at is not a failure to cancel
+    ended = ("already completing or completed", "invalid job id")
+    real = [ln for ln in lines if not any(mark in ln.lower() for mark in ended)]
+    if lines and not real:
+        return None
+    return real[0] if real else f"scancel exited with status {done.returncode}"

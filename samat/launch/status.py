@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,11 @@ STATE_STYLES = {
     "queued": "blue",
     "failed": "red",
     "interrupted": "yellow",
+    "cancelled": "magenta",
     "pending": "dim",
 }
+# The fields of `samat status --json`, one object per run.
+JSON_FIELDS = ("run_id", "label", "seed", "state", "attempts", "requeues", "job_id", "note")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ def combined_state(
         return ("running" if running else "queued"), note
     if run.is_complete():
         return "done", ""
+    if state["state"] == "cancelled":
+        return "cancelled", "samat cancel; submit again to resume"
     if state["state"] == "failed":
         return "failed", state.get("error") or ""
     if job is not None and job.state != "COMPLETED":
@@ -165,14 +172,75 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def show_status(path: Path, *, console: Console) -> int:
-    """Print the status table of an output directory and a summary line; the exit code."""
-    runs = find_runs(path)
+def show_status(
+    path: Path,
+    *,
+    console: Console,
+    as_json: bool = False,
+    states: Sequence[str] = (),
+    runs: Sequence[RunDir] | None = None,
+) -> int:
+    """Print the status of an output directory's runs (or of `runs`): a table and a summary
+    line, or with as_json one JSON object per run (JSON_FIELDS), in a list. `states` keeps only
+    runs in those states. The exit code: 1 when any of the runs failed, else 0."""
+    runs = find_runs(path) if runs is None else list(runs)
     if not runs:
         raise ConfigError(f"{path}: no run directories here; check the path or submit the grid")
-    rows = run_statuses(runs)
-    console.print(status_table(rows, f"{path}"))
-    say(console, summary(rows))
+    unknown = sorted(set(states) - set(STATE_STYLES))
+    if unknown:
+        raise ConfigError(f"unknown state {unknown[0]!r}; choose from {', '.join(STATE_STYLES)}")
+    every = run_statuses(runs)
+    rows = [row for row in every if not states or row.state in states]
+    if as_json:
+        console.out(json.dumps([status_json(row) for row in rows], indent=2), highlight=False)
+    else:
+        console.print(status_table(rows, f"{path}"))
+        say(console, summary(rows))
+    return 1 if any(row.state == "failed" for row in every) else 0
+
+
+def status_json(row: RunStatus) -> dict[str, Any]:
+    """One run for `samat status --json`: seed a number, job_id null when there is none."""
+    data = {name: getattr(row, name) for name in JSON_FIELDS}
+    data["seed"] = int(row.seed) if row.seed.lstrip("-").isdigit() else None
+    data["job_id"] = None if row.job_id == "-" else row.job_id
+    return data
+
+
+def show_logs(run_dir: Path, *, console: Console) -> int:
+    """`samat logs RUN`: the run's log, then where the scheduler's stdout/stderr of its job are
+    (submitit's folder `<output>/submitit/<job_id>/`); the exit code."""
+    from submitit.core.utils import JobPaths
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"{run_dir} is not a run directory; give one such as results/<grid>/runs/<run id> "
+            "(samat status lists them)"
+        )
+    run = RunDir(run_dir)
+    log = run.file(LOG)
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        text = None
+    if text is None:
+        say(console, f"# {log}: no log yet (the run has not started)")
+    else:
+        say(console, f"# {log}")
+        console.out(text.rstrip("\n"), highlight=False)
+    state = run.state()
+    if state.error:
+        say(console, f"# error: {state.error}")
+    job_id = str(state.job_id or "")
+    if not job_id:
+        say(console, "# no scheduler job recorded for this run (not submitted, or run locally)")
+        return 0
+    output = run_dir.absolute().parent.parent
+    paths = JobPaths(output / "submitit" / "%j", job_id=job_id, task_id=0)
+    for name, path in (("stdout", paths.stdout), ("stderr", paths.stderr)):
+        where = path if path.exists() else f"{path} (not there yet)"
+        say(console, f"# job {job_id} {name}: {where}")
     return 0
 
 

@@ -1,13 +1,34 @@
-"""Submit a grid: validate first, skip finished or queued runs, then a SLURM array or local runs."""
+"""Submit a grid: validate first, skip finished or queued runs, then SLURM arrays or local runs.
+
+Everything that can be checked is checked before anything is written. Then, under the output
+directory's lock (`samat.launch.lock`), one pass selects the runs, prepares their directories,
+submits and records the job ids, so that two submits of one grid queue each run at most once.
+
+Recording: each array's job ids go first into `<output>/submissions.jsonl` (one line per array,
+fsynced once), then into the runs' state.json files (not fsynced one by one); a later submit
+replays the journal into any state.json that lost its job id. SIGINT, SIGTERM and SIGHUP are
+held from sbatch until the array is recorded, and delivered then.
+
+Throttle: `slurm.array_parallelism` (P) bounds the whole grid's running tasks, also when the grid
+is split into arrays of at most MaxArraySize (M) tasks. The arrays go into L = max(1, P // M)
+lanes (at most the number of arrays); each array waits (`--dependency=afterany:<id>`) for the
+one L places before it, so at most L arrays run at once, each with `%P // L`: at most P tasks.
+A grid of at most P runs needs neither. (The bound holds within one submit; runs queued by an
+earlier submit of the grid count apart.)
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,17 +37,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from submitit import LocalExecutor, SlurmExecutor
-from submitit.core.utils import FailedJobError
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
 from samat import container
 from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig
 from samat.grid import RunSpec, expand, preflight
 from samat.launch import scheduler
+from samat.launch.lock import output_lock
 from samat.launch.status import follow, plural, result_line, say
 from samat.launch.task import RunTask
 from samat.store import (
     CONFIG,
+    STATE,
     RunDir,
     canonical_key,
     find_runs,
@@ -35,7 +58,10 @@ from samat.store import (
 )
 
 T = TypeVar("T")
-ACTIONS = ("train", "eval", "done", "queued", "running", "failed")
+# unknown: recorded as queued or running, and the scheduler did not answer
+ACTIONS = ("train", "eval", "done", "queued", "running", "failed", "unknown")
+# One line per submitted array: {"time", "grid", "array", "runs": [run ids], "jobs": [job ids]}.
+SUBMISSIONS = "submissions.jsonl"
 
 
 def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
@@ -67,6 +93,32 @@ def array_chunks(items: Sequence[T], max_size: int) -> list[list[T]]:
     return [list(items[i : i + max_size]) for i in range(0, len(items), max_size)]
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One SLURM array of a grid: its runs [start, start + size), its own `%throttle`, and the
+    index of the array it waits for (afterany), if any."""
+
+    start: int
+    size: int
+    throttle: int
+    after: int | None = None
+
+
+def plan_chunks(count: int, max_size: int, parallelism: int) -> list[Chunk]:
+    """Split `count` runs into arrays of at most max_size so that at most `parallelism` tasks of
+    them run at once (see the module's docstring: lanes of arrays chained by afterany)."""
+    sizes = [len(c) for c in array_chunks(range(count), max(1, max_size))]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    if count <= parallelism:  # everything may run at once
+        return [Chunk(start, size, size) for start, size in zip(starts, sizes, strict=True)]
+    lanes = max(1, min(len(sizes), parallelism // max(1, max_size)))
+    share = parallelism // lanes
+    return [
+        Chunk(start, size, min(size, share), index - lanes if index >= lanes else None)
+        for index, (start, size) in enumerate(zip(starts, sizes, strict=True))
+    ]
+
+
 def submitit_folder(output: Path) -> Path:
     """Where submitit keeps its pickles and each job's stdout/stderr (one folder per job)."""
     return Path(output).expanduser().absolute() / "submitit" / "%j"
@@ -78,10 +130,21 @@ def executor_settings(grid: GridConfig, output: Path) -> tuple[dict[str, Any], s
     if grid.container.runtime != "pyxis":
         return params, shlex.quote(sys.executable)
     params["srun_args"] = container.srun_args(grid.container, workdirs=[output.absolute()])
-    setup = [*container.env_exports(grid.container), *grid.slurm.setup]
+    setup = [*container.env_setup(grid.container, output), *grid.slurm.setup]
     if setup:
         params["setup"] = setup
-    return params, container.IMAGE_PYTHON
+    return params, container.image_python(grid.container)
+
+
+def chunk_parameters(params: dict[str, Any], chunk: Chunk, after: str | None) -> dict[str, Any]:
+    """The executor parameters of one array: its throttle, and its dependency on `after`."""
+    params = {**params, "array_parallelism": chunk.throttle}
+    if after is not None:
+        extra = dict(params.get("additional_parameters") or {})
+        own = f"afterany:{after}"
+        extra["dependency"] = f"{own},{extra['dependency']}" if extra.get("dependency") else own
+        params["additional_parameters"] = extra
+    return params
 
 
 def sbatch_script(
@@ -139,14 +202,15 @@ def check_partition(partition: str | None) -> None:
 
 
 def container_commands(
-    cfg: ContainerConfig, specs: list[RunSpec], output: Path
+    cfg: ContainerConfig, specs: list[RunSpec], output: Path, slurm: SlurmConfig | None = None
 ) -> dict[str, list[str]]:
-    """Each run's container argv, by run id."""
+    """Each run's container argv, by run id (GPUs, CPU and memory limits from `slurm`)."""
     # with pyxis, srun starts submitit's whole process in the image: the run executes in it
     if cfg.runtime in ("none", "pyxis"):
         return {}
     return {
-        spec.run_id: container.task_command(cfg, spec.run_dir, output_root=output) for spec in specs
+        spec.run_id: container.task_command(cfg, spec.run_dir, output_root=output, slurm=slurm)
+        for spec in specs
     }
 
 
@@ -165,6 +229,8 @@ class Action:
     def describe(self) -> str:
         if self.kind == "train":
             return "train + eval"
+        if self.kind == "unknown":
+            return "unknown (queued or running, the scheduler did not answer)"
         if self.kind == "eval":
             names = [m for m in self.missing if m not in ("natural", "natural_subset")]
             return "eval only: " + (", ".join(names) if names else "clean accuracy / summary")
@@ -172,10 +238,19 @@ class Action:
 
 
 def select_runs(
-    specs: list[RunSpec], *, force: bool = False, retry_failed: bool = False
+    specs: list[RunSpec],
+    *,
+    force: bool = False,
+    retry_failed: bool = False,
+    ignore_scheduler: bool = False,
 ) -> dict[str, Action]:
     """What to do with each run (by run id): train it, evaluate it only, or skip it as done,
-    queued, running or failed for a deterministic cause (NaN loss, bad config)."""
+    queued, running or failed for a deterministic cause (NaN loss, bad config).
+
+    When the scheduler does not answer, a run recorded as queued or running (a job id, state
+    pending or running) is 'unknown' and not run again, unless ignore_scheduler. A cancelled run
+    is resumed like a pending one.
+    """
     runs = {spec.run_id: RunDir(spec.run_dir) for spec in specs}
     states = {run_id: run.state() for run_id, run in runs.items()}
     ids = [str(s.job_id) for s in states.values() if s.job_id]
@@ -186,6 +261,13 @@ def select_runs(
         job = (jobs or {}).get(str(state.job_id))
         if job is not None and job.active:
             actions[spec.run_id] = Action("running" if job.state == "RUNNING" else "queued")
+        elif (
+            jobs is None
+            and not ignore_scheduler
+            and scheduler.is_slurm_id(str(state.job_id or ""))
+            and state.state in ("pending", "running")
+        ):
+            actions[spec.run_id] = Action("unknown")
         elif force or not state.trained:
             failed = state.state == "failed" and state.failure == "deterministic"
             skip = failed and not (force or retry_failed)
@@ -210,19 +292,23 @@ def submit_grid(
     force: bool = False,
     retry_failed: bool = False,
     wait: bool = False,
+    ignore_scheduler: bool = False,
     console: Console,
 ) -> int:
     """Validate, then submit a grid's unfinished runs; the exit code for the CLI.
 
     SLURM: one submitit array per MaxArraySize runs; returns once queued (or, with wait, when all
     tasks have ended). Local: the runs one after another, blocking, one line per finished run.
+    Nothing is written before every check has passed; the selection, preparation, submission and
+    recording happen under the output directory's lock. Exit code 1 when runs recorded as queued
+    or running were left alone because the scheduler did not answer.
     """
     specs = expand(grid)
     preflight(specs)
     output = Path(grid.output or Path("results") / grid.name)
     check_layout(output)
     kind = resolve_executor(executor, dry_run=dry_run)
-    check_output_dir(output, create=not dry_run)
+    check_output_dir(output, create=False)
     if kind == "slurm":
         check_partition(grid.slurm.partition)
     elif grid.container.runtime == "pyxis":
@@ -230,27 +316,162 @@ def submit_grid(
             "container.runtime 'pyxis' runs through SLURM's srun; use --executor "
             "slurm on the cluster, or runtime apptainer or docker for local runs"
         )
-    for warning in container.validate(grid.container):
+    warnings = container.validate(grid.container)
+    commands = container_commands(grid.container, specs, output, grid.slurm)
+    for warning in warnings:
         say(console, f"warning: {warning}")
-    commands = container_commands(grid.container, specs, output)
-    actions = select_runs(specs, force=force, retry_failed=retry_failed)
-    todo = [spec for spec in specs if actions[spec.run_id].runs]
-    say(console, _executor_line(executor, kind))
     if dry_run:
+        actions = select_runs(
+            specs, force=force, retry_failed=retry_failed, ignore_scheduler=ignore_scheduler
+        )
+        say(console, _executor_line(executor, kind))
         _print_dry_run(grid, specs, actions, kind, output, commands, console)
         return 0
-    if not todo:
-        say(console, f"nothing to submit: {_count_line(actions)}; results in {output}")
-        live = [RunDir(s.run_dir) for s in specs if actions[s.run_id].kind in ("queued", "running")]
-        return follow(live, console=console) if wait and live else 0
+    check_output_dir(output, create=True)
+    with output_lock(output, purpose="submit", say=lambda line: say(console, line)):
+        replay_submissions(output, specs)
+        actions = select_runs(
+            specs, force=force, retry_failed=retry_failed, ignore_scheduler=ignore_scheduler
+        )
+        todo = [spec for spec in specs if actions[spec.run_id].runs]
+        unknown = sum(action.kind == "unknown" for action in actions.values())
+        say(console, _executor_line(executor, kind))
+        if unknown:
+            say(console, _unknown_line(unknown))
+        if not todo:
+            say(console, f"nothing to submit: {_count_line(actions)}; results in {output}")
+            code = 0
+        else:
+            for spec in specs:
+                run = prepare(spec, sync=False)
+                if actions[spec.run_id].runs:
+                    if force:
+                        run.move_training_aside()
+                    _set_state(run, state="pending", error=None, failure=None, label=spec.label)
+            say(console, _count_line(actions))
+            container.write_env_file(grid.container, output)
+            code = _launch(grid, todo, kind, output, commands, console=console)
+    if wait and kind == "slurm":
+        live = [
+            RunDir(s.run_dir)
+            for s in specs
+            if actions[s.run_id].kind in LIVE or actions[s.run_id].runs
+        ]
+        code = max(code, follow(live, console=console) if live else 0)
+    return max(code, 1 if unknown else 0)
+
+
+# what a submit leaves queued or running (and --wait follows)
+LIVE = ("queued", "running", "unknown")
+
+
+def _unknown_line(count: int) -> str:
+    return (
+        f"{plural(count, 'run')} recorded as queued or running not resubmitted: the scheduler "
+        "did not answer (sacct and squeue failed or timed out); submit again later, or pass "
+        "--ignore-scheduler to resubmit them anyway"
+    )
+
+
+def _set_state(run: RunDir, **values: Any) -> None:
+    """A state transition written without fsync (many runs in one pass): submissions.jsonl is
+    the durable record of what was queued (see replay_submissions)."""
+    state = run.state()
+    for key, value in values.items():
+        setattr(state, key, value)
+    run._write(state, sync=False)
+
+
+def record_submission(
+    output: Path, grid_name: str, array_id: str, specs: Sequence[RunSpec], job_ids: Sequence[str]
+) -> None:
+    """Append one array to `<output>/submissions.jsonl` (fsynced: the durable record), then
+    write each run's job id into its state.json (not fsynced one by one)."""
+    path = Path(output) / SUBMISSIONS
+    entry = {
+        "time": time.time(),
+        "grid": grid_name,
+        "array": array_id,
+        "runs": [spec.run_id for spec in specs],
+        "jobs": list(job_ids),
+    }
+    new = not path.exists()
+    with path.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    if new:
+        _fsync_dir(path.parent)
+    for spec, job_id in zip(specs, job_ids, strict=True):
+        _set_state(RunDir(spec.run_dir), state="pending", job_id=job_id, error=None, failure=None)
+
+
+def read_submissions(output: Path) -> list[dict[str, Any]]:
+    """The entries of `<output>/submissions.jsonl`, oldest first (damaged lines skipped)."""
+    try:
+        lines = (Path(output) / SUBMISSIONS).read_text().splitlines()
+    except OSError:
+        return []
+    entries = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and len(entry.get("runs", [])) == len(entry.get("jobs", [])):
+                entries.append(entry)
+    return entries
+
+
+def replay_submissions(output: Path, specs: Sequence[RunSpec]) -> int:
+    """Put the last recorded job id back into each state.json that has not changed since the
+    submission and lacks it (a crash between the journal and the state files); the count."""
+    latest: dict[str, tuple[str, float]] = {}
+    for entry in read_submissions(output):
+        for run_id, job_id in zip(entry["runs"], entry["jobs"], strict=True):
+            latest[run_id] = (str(job_id), float(entry.get("time", 0)))
+    replayed = 0
     for spec in specs:
-        run = prepare(spec)
-        if actions[spec.run_id].runs:
-            if force:
-                run.move_training_aside()
-            run.mark_pending(spec.label)
-    say(console, _count_line(actions))
-    return _launch(grid, todo, kind, output, commands, wait=wait, console=console)
+        if spec.run_id not in latest or not (spec.run_dir / STATE).is_file():
+            continue
+        job_id, when = latest[spec.run_id]
+        run = RunDir(spec.run_dir)
+        state = run.state()
+        if str(state.job_id) != job_id and (state.updated or 0) < when:
+            _set_state(run, state="pending", job_id=job_id, error=None, failure=None)
+            replayed += 1
+    return replayed
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def deferred_signals(
+    signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+) -> Iterator[None]:
+    """Hold these signals for the block (sbatch, then recording its job ids), then deliver
+    them: a Ctrl-C then stops the submit with every queued array recorded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def _launch(
@@ -260,7 +481,6 @@ def _launch(
     output: Path,
     commands: dict[str, list[str]],
     *,
-    wait: bool,
     console: Console,
 ) -> int:
     """Run the prepared runs: locally (blocking) or as SLURM arrays (returns once queued)."""
@@ -273,9 +493,7 @@ def _launch(
         return _run_local(grid, todo, tasks, output, console)
     _submit_slurm(grid, todo, tasks, output, console)
     say(console, f"results: {output / 'runs'} (samat status {output}; samat collect {output})")
-    if not wait:
-        return 0
-    return follow([RunDir(spec.run_dir) for spec in todo], console=console)
+    return 0
 
 
 def evaluate_runs(
@@ -287,7 +505,8 @@ def evaluate_runs(
     console: Console,
 ) -> int:
     """`samat eval`: add attacks to trained runs' evaluation requests and run only those
-    evaluations, through the same tasks as submit (local, or one SLURM array with a grid file)."""
+    evaluations, through the same tasks as submit (local, or one SLURM array with a grid file),
+    under the output directory's lock."""
     from samat import attacks as attack_registry
     from samat.config import GridConfig, load_grid
 
@@ -305,32 +524,37 @@ def evaluate_runs(
     kind = resolve_executor(executor)
     if kind == "slurm" and target.suffix not in (".yaml", ".yml"):
         raise ConfigError("--executor slurm takes the grid file as TARGET (its slurm section)")
-    todo, untrained = [], 0
-    for run in dirs:
-        if not run.state().trained:
-            untrained += 1
-            continue
-        request = run.eval_request()
-        known = {attack_registry.label(spec) for spec in attack_registry.resolve(request.attacks)}
-        added = [
-            a
-            for a in attacks
-            if attack_registry.label(attack_registry.resolve([a])[0]) not in known
-        ]
-        update = {"attacks": [*request.attacks, *added]}
-        if n_examples is not None:
-            update["n_examples"] = n_examples
-        run.set_eval_request(request.model_copy(update=update))
-        config = run.config()
-        if missing_records(run, config) or not run.is_complete():
-            run.mark_pending()
-            todo.append(RunSpec(run.run_id, config, run.state().label or run.run_id, run.path))
-    note = f" ({untrained} not trained yet: submit the grid first)" if untrained else ""
-    say(console, f"{plural(len(todo), 'run')} to evaluate, {len(dirs) - len(todo)} skipped{note}")
-    if not todo:
-        return 0
-    commands = container_commands(grid.container, todo, output)
-    return _launch(grid, todo, kind, output, commands, wait=False, console=console)
+    with output_lock(output, purpose="eval", say=lambda line: say(console, line)):
+        todo, untrained = [], 0
+        for run in dirs:
+            if not run.state().trained:
+                untrained += 1
+                continue
+            request = run.eval_request()
+            known = {
+                attack_registry.label(spec) for spec in attack_registry.resolve(request.attacks)
+            }
+            added = [
+                a
+                for a in attacks
+                if attack_registry.label(attack_registry.resolve([a])[0]) not in known
+            ]
+            update = {"attacks": [*request.attacks, *added]}
+            if n_examples is not None:
+                update["n_examples"] = n_examples
+            run.set_eval_request(request.model_copy(update=update))
+            config = run.config()
+            if missing_records(run, config) or not run.is_complete():
+                run.mark_pending()
+                todo.append(RunSpec(run.run_id, config, run.state().label or run.run_id, run.path))
+        note = f" ({untrained} not trained yet: submit the grid first)" if untrained else ""
+        skipped = len(dirs) - len(todo)
+        say(console, f"{plural(len(todo), 'run')} to evaluate, {skipped} skipped{note}")
+        if not todo:
+            return 0
+        commands = container_commands(grid.container, todo, output, grid.slurm)
+        container.write_env_file(grid.container, output)
+        return _launch(grid, todo, kind, output, commands, console=console)
 
 
 def _executor_line(asked: str, kind: str) -> str:
@@ -371,31 +595,58 @@ def check_layout(output: Path) -> None:
 def _submit_slurm(
     grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path, console: Console
 ) -> None:
+    """Queue the runs as arrays (see plan_chunks), each recorded before the next is submitted.
+
+    A refused first array is a ConfigError; a refused later one, too, naming what was queued
+    before it (those runs stay queued and recorded; a later submit queues the rest).
+    """
     params, python = executor_settings(grid, output)
-    executor = SlurmExecutor(
-        folder=submitit_folder(output), max_num_timeout=grid.slurm.max_num_timeout, python=python
-    )
-    executor.update_parameters(**params)
-    size = scheduler.max_array_size()
-    for chunk_specs, chunk_tasks in zip(
-        array_chunks(specs, size), array_chunks(tasks, size), strict=True
-    ):
-        try:
-            jobs = executor.submit_array(chunk_tasks)
-        except FailedJobError as error:
-            reason = next((ln for ln in str(error).splitlines() if ln.strip()), "no message")
-            raise ConfigError(
-                f"sbatch refused the job: {reason.strip()}; check the grid's slurm section"
-            ) from None
-        for spec, job in zip(chunk_specs, jobs, strict=True):
-            RunDir(spec.run_dir).mark_submitted(job.job_id)
-        array_id = jobs[0].job_id.split("_")[0]
+    chunks = plan_chunks(len(specs), scheduler.max_array_size(), grid.slurm.array_parallelism)
+    queued: list[tuple[str, int]] = []
+    for number, chunk in enumerate(chunks, start=1):
+        chunk_specs = specs[chunk.start : chunk.start + chunk.size]
+        chunk_tasks = tasks[chunk.start : chunk.start + chunk.size]
+        after = queued[chunk.after][0] if chunk.after is not None else None
+        executor = SlurmExecutor(
+            folder=submitit_folder(output),
+            max_num_timeout=grid.slurm.max_num_timeout,
+            python=python,
+        )
+        executor.update_parameters(**chunk_parameters(params, chunk, after))
+        with deferred_signals():
+            try:
+                jobs = executor.submit_array(chunk_tasks)
+            except (FailedJobError, FailedSubmissionError, OSError) as error:
+                why = _refusal(error, number, len(chunks), queued, len(specs))
+                raise ConfigError(why) from None
+            array_id = jobs[0].job_id.split("_")[0]
+            record_submission(
+                output, grid.name, array_id, chunk_specs, [job.job_id for job in jobs]
+            )
+        queued.append((array_id, len(jobs)))
         shape = (
-            f"array 0-{len(jobs) - 1}, at most {grid.slurm.array_parallelism} at a time"
+            f"array 0-{len(jobs) - 1}, at most {chunk.throttle} at a time"
             if len(jobs) > 1
             else "one task"
         )
-        say(console, f"submitted SLURM job {array_id} ({shape})")
+        wait_for = f", after job {after} has ended" if after is not None else ""
+        say(console, f"submitted SLURM job {array_id} ({shape}{wait_for})")
+
+
+def _refusal(
+    error: Exception, number: int, total: int, queued: list[tuple[str, int]], runs: int
+) -> str:
+    reason = next((ln for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    reason = reason.strip()
+    if not queued:
+        return f"sbatch refused the job: {reason}; check the grid's slurm section"
+    done = ", ".join(f"job {array} ({plural(count, 'run')})" for array, count in queued)
+    left = runs - sum(count for _, count in queued)
+    return (
+        f"sbatch refused array {number} of {total}: {reason}; queued before it: {done}; "
+        f"the other {plural(left, 'run')} are not queued: fix the cause, then submit the grid "
+        "again (it skips the queued runs)"
+    )
 
 
 def _run_local(
@@ -458,20 +709,29 @@ def _local_gpus(wanted: int) -> dict[str, Any]:
 def _print_dry_run(
     grid: GridConfig,
     specs: list[RunSpec],
-    actions: dict[str, str],
+    actions: dict[str, Action],
     kind: str,
     output: Path,
     commands: dict[str, list[str]],
     console: Console,
 ) -> None:
     todo = [spec for spec in specs if actions[spec.run_id].runs]
-    if kind == "slurm":
+    if kind == "slurm" and todo:
         params, python = executor_settings(grid, output)
-        chunks = array_chunks(todo, scheduler.max_array_size()) if todo else []
+        chunks = plan_chunks(len(todo), scheduler.max_array_size(), grid.slurm.array_parallelism)
         for number, chunk in enumerate(chunks, start=1):
-            runs = plural(len(chunk), "run")
-            say(console, f"# sbatch script {number} of {len(chunks)} ({runs}):")
-            say(console, sbatch_script(params, submitit_folder(output), len(chunk), python))
+            runs = plural(chunk.size, "run")
+            after = "" if chunk.after is None else f", after array {chunk.after + 1} has ended"
+            say(console, f"# sbatch script {number} of {len(chunks)} ({runs}{after}):")
+            # the real dependency names the earlier array's job id, known once it is queued
+            placeholder = None if chunk.after is None else f"<job id of array {chunk.after + 1}>"
+            script = sbatch_script(
+                chunk_parameters(params, chunk, placeholder),
+                submitit_folder(output),
+                chunk.size,
+                python,
+            )
+            say(console, script)
     if todo and todo[0].run_id in commands:
         say(
             console,

@@ -8,8 +8,11 @@ only then does submitit's handler requeue the task. The next attempt resumes fro
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import types
 from collections.abc import Callable
@@ -19,13 +22,21 @@ from typing import Any
 from submitit import JobEnvironment
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from samat import container
 from samat.store import LOG, RunDir
+
+log = logging.getLogger("samat")
 
 # How long a container child may take to reach a step boundary and exit after a forwarded
 # time-limit signal before submitit requeues the job (requeueing kills what is left).
 CHILD_GRACE_S = 60
 # Exit status of `samat run` when a signal stopped it after storing its progress.
 EXIT_INTERRUPTED = 3
+# How long the docker/podman stop command may take inside a signal handler.
+STOP_TIMEOUT_S = 30
+# How long a signalled container client may take to exit when the task ends (Ctrl-C) before it
+# is killed.
+CHILD_EXIT_S = 5
 
 
 def time_limit_signal() -> int:
@@ -95,25 +106,43 @@ class RunTask(Checkpointable):
         job_id = own_job_id()
         if job_id is not None:
             run.mark_submitted(job_id)
-        child = subprocess.Popen(argv)
+        # the argv was built on the submitting node: give the container this job's own GPUs
+        argv = container.bind_job_gpus(argv, os.environ)
+        child = _start(run, argv)
         limit = time_limit_signal()
+        stopped = signalled = False
+
+        def stop_container() -> None:
+            nonlocal stopped
+            if not self.stop or stopped:
+                return
+            stopped = True
+            # a failing (missing, hanging, refusing) stop command must not escape the handler
+            try:
+                subprocess.run(self.stop, check=False, timeout=STOP_TIMEOUT_S, capture_output=True)
+            except Exception as error:  # logged: the run ends either way
+                log.warning("could not stop the container (%s): %s", self.stop[0], error)
 
         def forward(signum: int, frame: types.FrameType | None) -> None:
+            nonlocal signalled
+            signalled = True
             if child.poll() is None:
-                child.send_signal(signum)
-            if signum == signal.SIGTERM and self.stop:
-                # a failing stop command must not escape the handler
-                with contextlib.suppress(OSError, subprocess.SubprocessError):
-                    subprocess.run(self.stop, check=False, timeout=30, capture_output=True)
+                with contextlib.suppress(OSError):
+                    child.send_signal(signum)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                # scancel, a local run's Ctrl-C or cancel: the container goes with the run
+                stop_container()
             if signum == limit:
                 try:
                     child.wait(CHILD_GRACE_S)
                 except subprocess.TimeoutExpired:
                     child.kill()
-            # then submitit's own handler: checkpoint() and `scontrol requeue` on the time limit
+            # then submitit's own handler: checkpoint() and `scontrol requeue` on the time limit;
+            # KeyboardInterrupt on SIGINT
             _call(handlers[signum], signum, frame)
 
-        handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, limit)}
+        signals = (signal.SIGTERM, signal.SIGINT, limit)
+        handlers = {sig: signal.signal(sig, forward) for sig in signals}
         try:
             # with a timeout, wait() polls from Python: a signal that reached another thread is
             # then handled at once rather than when the child happens to exit
@@ -125,8 +154,13 @@ class RunTask(Checkpointable):
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             if child.poll() is None:
+                # a signalled child gets a moment to store its progress before it is killed
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(CHILD_EXIT_S if signalled else 0)
+            if child.poll() is None:
                 child.kill()
                 child.wait()
+                stop_container()
         if code != 0:
             raise RuntimeError(
                 f"container command exited with status {code}; see {run.file(LOG)} and the job log"
@@ -135,6 +169,23 @@ class RunTask(Checkpointable):
 
     def __repr__(self) -> str:
         return f"RunTask({str(self.run_dir)!r})"
+
+
+def _start(run: RunDir, argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start the container's runtime; a runtime this node lacks fails the run (an
+    infrastructure failure: another node may have it), with the reason in state.json."""
+    host = socket.gethostname()
+    reason = None
+    if shutil.which(argv[0]) is None:
+        reason = f"container runtime {argv[0]!r} not found on {host}"
+    else:
+        try:
+            return subprocess.Popen(argv)
+        except OSError as error:
+            reason = f"container runtime {argv[0]!r} did not start on {host} ({error.strerror})"
+    message = f"{reason}; install it on the compute nodes or set container.executable"
+    run.mark_failed(message, deterministic=False)
+    raise RuntimeError(message)
 
 
 def _call(handler: Callable[..., Any] | int | None, signum: int, frame: Any = None) -> None:
