@@ -40,10 +40,13 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_registry_covers_every_config_name() -> None:
-    assert set(METHODS) == {"standard", "sam", "asam", "pgd_at", "fgsm_at"}
+    from samat.config import METHOD_NAMES
+
+    assert set(METHODS) == set(METHOD_NAMES)
+    assert set(METHODS) == {"standard", "sam", "asam", "esam", "looksam", "pgd_at", "fgsm_at"}
     optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)
-    with pytest.raises(ConfigError, match=r"unknown method\.name 'esam'"):
-        create(SimpleNamespace(name="esam"), optimizer)
+    with pytest.raises(ConfigError, match=r"unknown method\.name 'gsam'"):
+        create(SimpleNamespace(name="gsam"), optimizer)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Training methods (ST, SAM, ASAM, PGD-AT, FGSM-AT) behind one `step` interface and a registry.
+"""Training methods (ST, SAM, ASAM, ESAM, LookSAM, PGD-AT, FGSM-AT) behind one `step` interface
+and a registry.
 
 `amp=True` runs every forward (training passes and adversarial-example generation) under
 `torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)` on any device, CPU
@@ -12,10 +13,20 @@ from collections.abc import Callable
 
 import torch
 
-from samat.config import AdversarialMethod, ConfigError, MethodConfig, SAMMethod, StandardMethod
+from samat.config import (
+    AdversarialMethod,
+    ConfigError,
+    ESAMMethod,
+    LookSAMMethod,
+    MethodConfig,
+    SAMMethod,
+    StandardMethod,
+)
 from samat.methods.adversarial import AdversarialTraining, default_alpha, pgd
 from samat.methods.base import Method, StepResult
 from samat.methods.batchnorm import frozen_bn_stats
+from samat.methods.esam import ESAMTraining
+from samat.methods.looksam import LookSAMTraining
 from samat.methods.sam import SAM, SharpnessAwareTraining, sam_perturbation
 from samat.methods.standard import StandardTraining
 
@@ -48,6 +59,23 @@ def _sam(
     return SharpnessAwareTraining(
         optimizer, cfg.rho, adaptive=cfg.name == "asam", eta=cfg.eta, amp=amp
     )
+
+
+def _esam(
+    cfg: ESAMMethod,
+    optimizer: torch.optim.Optimizer,
+    amp: bool,
+    generator: torch.Generator | None,
+) -> Method:
+    return ESAMTraining(
+        optimizer, cfg.rho, beta=cfg.beta, gamma=cfg.gamma, amp=amp, generator=generator
+    )
+
+
+def _looksam(
+    cfg: LookSAMMethod, optimizer: torch.optim.Optimizer, amp: bool, _: torch.Generator | None
+) -> Method:
+    return LookSAMTraining(optimizer, cfg.rho, k=cfg.k, alpha=cfg.alpha, amp=amp)
 
 
 def _pgd_at(
@@ -94,6 +122,8 @@ METHODS: dict[str, Factory] = {
     "standard": _standard,
     "sam": _sam,
     "asam": _sam,
+    "esam": _esam,
+    "looksam": _looksam,
     "pgd_at": _pgd_at,
     "fgsm_at": _fgsm_at,
 }
