@@ -49,7 +49,14 @@ def _weights(run: RunDir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "method", [{"name": "sam", "rho": 0.1}, {"name": "pgd_at", "eps": 0.1, "steps": 2}]
+    "method",
+    [
+        {"name": "sam", "rho": 0.1},
+        {"name": "pgd_at", "eps": 0.1, "steps": 2},
+        # LookSAM's stored gradient component and ESAM's random draws go through the checkpoint
+        {"name": "looksam", "rho": 0.1, "k": 3},
+        {"name": "esam", "rho": 0.1, "beta": 0.5, "gamma": 0.5},
+    ],
 )
 def test_resume_equals_uninterrupted(tmp_path, method):
     straight = make_run(tmp_path / "a", method=method)
