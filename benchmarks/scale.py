@@ -1,0 +1,189 @@
+"""`samat status`, `samat collect` and `samat --help` on a results directory of N finished runs.
+
+The directory is generated, not trained: one run is laid out by samat.store itself (`prepare`),
+marked done and given a result.json; the other N - 1 are copies with their own seed and run id.
+Each command runs as a subprocess, as a user types it, so interpreter start and imports count.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.figures import Figure, Printer, at_most
+from benchmarks.launch import samat_command, samat_env
+from samat import store
+from samat.config import RunConfig, validate_run
+from samat.grid import RunSpec, method_label, run_id
+
+TARGETS = {"status": 3.0, "collect": 3.0, "help": 0.5}
+ATTACKS = [
+    {"attack": "fgsm", "norm": "linf", "eps": "8/255"},
+    {"attack": "pgd", "norm": "linf", "eps": "8/255", "steps": 10},
+]
+ATTACK_LABELS = ["FGSM linf 8/255", "PGD-10 linf 8/255"]
+VARIANTS = [
+    {"name": "standard"},
+    {"name": "sam", "rho": 0.05},
+    {"name": "sam", "rho": 0.1},
+    {"name": "pgd_at", "eps": "8/255", "steps": 10},
+    {"name": "fgsm_at", "eps": "8/255"},
+]
+
+
+def _config(variant: dict[str, Any]) -> RunConfig:
+    return validate_run(
+        {
+            "data": {"name": "cifar10", "root": "/data/cifar10"},
+            "model": {"name": "preact_resnet18"},
+            "method": variant,
+            "train": {"epochs": 100},
+            "eval": {"n_examples": 1000, "attacks": ATTACKS},
+        }
+    )
+
+
+def _result(rid: str, config: RunConfig, index: int, extra: dict[str, Any]) -> dict[str, Any]:
+    natural = 0.80 + 0.1 * ((index * 7919) % 1000) / 1000
+    robust = {label: natural * (0.3 + 0.1 * i) for i, label in enumerate(ATTACK_LABELS)}
+    return {
+        "run_id": rid,
+        "seed": config.seed,
+        "method": config.method.name,
+        "natural": natural,
+        "robust": robust,
+        "average_robust": sum(robust.values()) / len(robust),
+        "robust_examples": 1000,
+        "train_seconds": 3600.0,
+        "eval_seconds": 300.0,
+        "images_per_second": 1400.0,
+        "epochs": config.train.epochs,
+        "device": "NVIDIA H100 80GB HBM3",
+        **extra,
+    }
+
+
+def _mark_done(run: store.RunDir) -> None:
+    # the run state API changes under a refactor; either spelling writes what samat writes
+    if hasattr(run, "mark_done"):
+        run.mark_done()
+    else:
+        run.update_state(state="done", attempts=1)
+
+
+def write_results(root: Path, count: int) -> None:
+    """`count` finished runs under root/runs, in the layout samat.store writes."""
+    runs = root / "runs"
+    for index in range(min(count, len(VARIANTS))):
+        config = _config(VARIANTS[index])
+        template = store.prepare(
+            RunSpec(run_id(config), config, method_label(config), runs / run_id(config))
+        )
+        _mark_done(template)
+        # a result answers an evaluation request where the store keeps one (request_key)
+        extra = {"request": template.request_key()} if hasattr(template, "request_key") else {}
+        files = {
+            p.name: p.read_text() for p in template.path.iterdir() if not p.name.startswith(".")
+        }
+        config_text = files.pop(store.CONFIG)
+        if not config_text.endswith("seed: 0\n"):
+            raise RuntimeError("config.yaml no longer ends with the seed; update benchmarks/scale")
+        for seed, number in enumerate(range(index, count, len(VARIANTS))):
+            seeded = config.model_copy(update={"seed": seed})
+            folder = runs / run_id(seeded)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / store.CONFIG).write_text(config_text.removesuffix("0\n") + f"{seed}\n")
+            for name, text in files.items():
+                if name != store.RESULT:
+                    (folder / name).write_text(text)
+            result = _result(folder.name, seeded, number, extra)
+            (folder / store.RESULT).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def time_command(
+    args: list[str], env: dict[str, str]
+) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Seconds of one subprocess, and the finished process (its output captured)."""
+    began = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    return time.perf_counter() - began, proc
+
+
+def _problem(name: str, proc: subprocess.CompletedProcess[str], count: int) -> str | None:
+    """Why a command's run does not count (None when it does)."""
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return f"exit {proc.returncode}: {last[0]}"
+    if name == "collect":
+        listed = sum(row["runs"] for row in json.loads(proc.stdout))
+        if listed != count:
+            return f"collect listed {listed} runs, not {count}"
+    return None
+
+
+def run(
+    printer: Printer, *, count: int = 10_000, keep: Path | None = None, help_repeats: int = 3
+) -> dict[str, Any]:
+    """Generate the directory, time the three commands; print seconds against the targets."""
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="samat-scale-"))
+    env = samat_env()
+    try:
+        began = time.perf_counter()
+        write_results(root, count)
+        written = time.perf_counter() - began
+        printer.line(f"scale: {count} finished runs written to {root} in {written:.1f} s")
+        out: dict[str, Any] = {"runs": count, "write_seconds": written, "commands": {}}
+        checks = {
+            "status": samat_command("status", str(root)),
+            "collect": samat_command("collect", str(root), "--format", "json"),
+        }
+        for name, args in checks.items():
+            seconds, proc = time_command(args, env)
+            problem = _problem(name, proc, count)
+            out["commands"][name] = {
+                "seconds": seconds,
+                "exit": proc.returncode,
+                "problem": problem,
+            }
+            printer.line(
+                f"  samat {name:8s} {seconds:7.2f} s (target <= {TARGETS[name]:g} s)"
+                + (f"  FAILED: {problem}" if problem else "")
+            )
+        times = []
+        for _ in range(help_repeats):
+            seconds, proc = time_command(samat_command("--help"), env)
+            times.append(seconds)
+        help_s = sorted(times)[len(times) // 2]
+        out["commands"]["help"] = {
+            "seconds": help_s,
+            "exit": proc.returncode,
+            "problem": _problem("help", proc, count),
+            "samples": times,
+        }
+        printer.line(
+            f"  samat --help   {help_s:7.2f} s (median of {help_repeats}; target <= "
+            f"{TARGETS['help']:g} s)"
+        )
+        return out
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def figures(result: dict[str, Any]) -> list[Figure]:
+    """Seconds of each command against its target; a command that failed is not ok."""
+    out = []
+    for name, row in result["commands"].items():
+        label = "samat --help" if name == "help" else f"samat {name} ({result['runs']} runs)"
+        figure = at_most(label + " s", row["seconds"], TARGETS[name], f"{row['seconds']:.2f}")
+        if row["exit"] != 0 or row.get("problem"):
+            figure = Figure(
+                figure.name, figure.value, figure.text + " (failed)", figure.target, False
+            )
+        out.append(figure)
+    return out
