@@ -142,3 +142,35 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     run.file(CHECKPOINT).write_bytes(other.file(CHECKPOINT).read_bytes())
     with pytest.raises(ConfigError, match="belongs to another config"):
         execute(run.path)
+
+
+@pytest.mark.parametrize("method", [{"name": "standard"}, {"name": "sam", "rho": 0.1}])
+def test_the_step_path_reads_nothing_back_from_the_device(tmp_path, monkeypatch, method):
+    """No host-device sync per step: loss and accuracy are summed on the device and read once per
+    epoch; the NaN flag is read every NAN_CHECK_EVERY steps (on a GPU each read is a sync)."""
+    import samat.train as train_module
+
+    run = make_run(tmp_path, method=method, train={"epochs": 1, "batch_size": 8})  # 64 steps
+    reads = {"n": 0}
+    for name in ("item", "__int__", "__float__", "__bool__", "tolist", "cpu"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            reads["n"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_epoch = train_module._epoch
+    during = {}
+
+    def epoch(*args, **kwargs):
+        reads["n"] = 0
+        record = real_epoch(*args, **kwargs)
+        during["reads"] = reads["n"]
+        return record
+
+    monkeypatch.setattr(train_module, "_epoch", epoch)
+    execute(run.path)
+    steps = 512 // 8
+    # one NaN-flag read every NAN_CHECK_EVERY steps, plus the epoch's sums
+    assert during["reads"] <= steps // train_module.NAN_CHECK_EVERY + 3, during
