@@ -428,28 +428,24 @@ def collect(
         grid = load_grid(path)
         runs = {spec.run_id: spec.label for spec in expand(grid, str(path))}
         path = Path(grid.output)
-    rendered = report.render(
-        path,
-        fmt,
-        per_run_json=per_run,
-        reference=reference,
-        ci=ci,
-        compare=compare,
-        runs=runs,
-    )
-    # a file, a pipe or a SLURM log would get rich's 80 columns: too narrow for the papers' tables
-    width = report.natural_width(rendered) if isinstance(rendered, Table) else 0
-    if out is not None:
-        if isinstance(rendered, Table):
-            with out.open("w") as handle:
-                Console(file=handle, width=max(width, 100)).print(rendered)
+    options = {"reference": reference, "ci": ci, "compare": compare, "runs": runs}
+    if fmt != "table":
+        text = report.render_text(path, fmt, per_run_json=per_run, **options)
+        if out is None:
+            click.echo(text, nl=False)
         else:
-            out.write_text(rendered)
-        console.print(f"wrote {out}")
-    elif isinstance(rendered, Table):
-        wide = console if console.is_terminal else Console(width=max(console.width, width, 100))
-        wide.print(rendered)
+            out.write_text(text)
+            console.print(f"wrote {out}")
     else:
-        click.echo(rendered, nl=False)
+        table = report.render_table(path, **options)
+        # a file, a pipe or a SLURM log would get rich's 80 columns: too narrow for the tables
+        width = report.natural_width(table)
+        if out is not None:
+            with out.open("w") as handle:
+                Console(file=handle, width=max(width, 100)).print(table)
+            console.print(f"wrote {out}")
+        else:
+            wide = console if console.is_terminal else Console(width=max(console.width, width, 100))
+            wide.print(table)
     if plot_file is not None:
         console.print(f"wrote {report.plot(path, plot_file, plot_attack, runs)}")

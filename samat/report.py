@@ -548,7 +548,38 @@ def _text_table(report: Report, *, latex: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(
+def _report(
+    root: Path,
+    *,
+    reference: str | None,
+    ci: bool,
+    compare: str | None,
+    runs: dict[str, str] | None,
+) -> tuple[list[RunRecord], Report]:
+    from samat import published
+
+    table = published.table(reference) if reference is not None else None
+    records = load_records(root, runs)
+    done = sum(r.state == "done" for r in records)
+    title = f"{root} — {done}/{len(records)} runs done (accuracy %)"
+    return records, build(records, title, reference=table, ci=ci, compare=compare)
+
+
+def render_table(
+    root: Path,
+    *,
+    reference: str | None = None,
+    ci: bool = False,
+    compare: str | None = None,
+    runs: dict[str, str] | None = None,
+) -> Table:
+    """The report as a rich Table. `reference` names a published table (table1 .. table7), `ci`
+    asks for 95% t-intervals, `compare` names the baseline row for paired differences, `runs`
+    keeps only a grid's runs (id -> label)."""
+    return rich_table(_report(root, reference=reference, ci=ci, compare=compare, runs=runs)[1])
+
+
+def render_text(
     root: Path,
     fmt: str,
     *,
@@ -557,26 +588,18 @@ def render(
     ci: bool = False,
     compare: str | None = None,
     runs: dict[str, str] | None = None,
-) -> str | Table:
-    """The report in one format: a rich Table for 'table', text for the others. `reference`
-    names a published table (table1 .. table7), `ci` asks for 95% t-intervals, `compare` names
-    the baseline row for paired differences, `runs` keeps only a grid's runs (id -> label)."""
-    from samat import published
-
-    table = published.table(reference) if reference is not None else None
-    records = load_records(root, runs)
+) -> str:
+    """The report as text: 'json' (rows, or one object per run), 'csv', 'markdown', 'latex'."""
     if fmt == "json" and per_run_json:
-        return json.dumps(per_run(records), indent=2) + "\n"
-    done = sum(r.state == "done" for r in records)
-    title = f"{root} — {done}/{len(records)} runs done (accuracy %)"
-    report = build(records, title, reference=table, ci=ci, compare=compare)
+        return json.dumps(per_run(load_records(root, runs)), indent=2) + "\n"
+    _, report = _report(root, reference=reference, ci=ci, compare=compare, runs=runs)
     if fmt == "json":
         return json.dumps(flat_rows(report), indent=2) + "\n"
     if fmt == "csv":
         return to_csv(report)
     if fmt in ("markdown", "latex"):
         return _text_table(report, latex=fmt == "latex")
-    return rich_table(report)
+    raise ValueError(f"unknown text format {fmt!r}")
 
 
 def plot(

@@ -1,5 +1,5 @@
-"""samat.container's argv for each runtime, validate(), the Dockerfile and Apptainer.def; and,
-marked `container`, the real image that .ci/containers.sh builds (podman, Apptainer, SLURM).
+"""samat.launch.container's argv for each runtime, validate(), the Dockerfile and Apptainer.def;
+and, marked `container`, the real image that .ci/containers.sh builds (podman, Apptainer, SLURM).
 
 Container tests skip when podman, the image or Apptainer are missing, and fail instead when
 SAMAT_REQUIRE_CONTAINERS=1 (as in CI). SAMAT_CI_DIR and SAMAT_CI_IMAGE name what the CI script made.
@@ -24,7 +24,8 @@ import yaml
 
 from samat import __version__
 from samat.config import ConfigError, ContainerConfig, load_grid, validate_run
-from samat.container import (
+from samat.grid import RunSpec, expand, method_label, run_id
+from samat.launch.container import (
     ENV_FILE,
     bind_job_gpus,
     container_name,
@@ -38,7 +39,6 @@ from samat.container import (
     wrap,
     write_env_file,
 )
-from samat.grid import RunSpec, expand, method_label, run_id
 from samat.store import RunDir, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -801,7 +801,7 @@ def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
     # scancel signals every process of the job at once, and podman's own forwarding fails then
     assert not orphan, (
         "the run's container outlived the cancelled job (RunTask must run "
-        "samat.container.stop_command on SIGTERM)"
+        "samat.launch.container.stop_command on SIGTERM)"
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from samat.config import load_grid, validate_run
 from samat.grid import RunSpec, expand, method_label, run_id
-from samat.report import render, summarize
+from samat.report import render_table, render_text, summarize
 from samat.store import prepare, write_json
 from tests.conftest import finish, set_state
 
@@ -54,7 +54,7 @@ def test_summarize_mean_and_sample_std():
 
 
 def test_json_rows_group_seeds(results):
-    rows = {r["method"]: r for r in json.loads(render(results, "json"))}
+    rows = {r["method"]: r for r in json.loads(render_text(results, "json"))}
     assert set(rows) == {"label-standard", "label-sam", "label-pgd_at"}
     std = rows["label-standard"]
     assert std["Natural"]["mean"] == pytest.approx(91.0)
@@ -68,7 +68,7 @@ def test_json_rows_group_seeds(results):
 
 
 def test_per_run_json_has_the_documented_fields(results):
-    runs = json.loads(render(results, "json", per_run_json=True))
+    runs = json.loads(render_text(results, "json", per_run_json=True))
     assert len(runs) == 5
     keys = {
         "run_id",
@@ -89,21 +89,21 @@ def test_per_run_json_has_the_documented_fields(results):
 
 
 def test_csv_markdown_latex(results):
-    table = list(csv.reader(io.StringIO(render(results, "csv"))))
+    table = list(csv.reader(io.StringIO(render_text(results, "csv"))))
     assert table[0][:3] == ["method", "Natural mean", "Natural std"]
     standard = next(row for row in table if row[0] == "label-standard")
     assert standard[1] == "91.00" and standard[2] == "1.41"
-    markdown = render(results, "markdown")
+    markdown = render_text(results, "markdown")
     assert "| label-standard | 91.0 ± 1.4 |" in markdown
     assert "| label-pgd_at | - |" in markdown
-    assert r"91.0 $\pm$ 1.4" in render(results, "latex")
+    assert r"91.0 $\pm$ 1.4" in render_text(results, "latex")
 
 
 def test_table_shows_pending_and_failed(results):
     from rich.console import Console
 
     console = Console(record=True, width=200)
-    console.print(render(results, "table"))
+    console.print(render_table(results))
     text = console.export_text()
     assert "1 failed" in text and "1 running" in text and "3/5 runs done" in text
 
@@ -245,10 +245,12 @@ def test_reference_prints_ours_published_and_difference(cifar):
 
 
 def test_reference_average_is_the_mean_of_the_papers_columns(cifar):
-    ours = {r["method"]: r for r in json.loads(render(cifar, "json"))}
+    ours = {r["method"]: r for r in json.loads(render_text(cifar, "json"))}
     # without a reference: result.json's average over every attack (AA linf 1/255 included)
     assert ours["SGD"]["Average"]["mean"] == pytest.approx((2.64 + 0.90) / 8 * 100)
-    referenced = {r["method"]: r for r in json.loads(render(cifar, "json", reference="table2"))}
+    referenced = {
+        r["method"]: r for r in json.loads(render_text(cifar, "json", reference="table2"))
+    }
     sgd = referenced["SGD"]
     assert sgd["Average"]["mean"] == pytest.approx(2.64 / 7 * 100)
     assert sgd["published"]["values"]["Average"] == 37.8
@@ -258,7 +260,7 @@ def test_reference_average_is_the_mean_of_the_papers_columns(cifar):
 
 
 def test_reference_in_every_format(cifar):
-    rows = {r["method"]: r for r in json.loads(render(cifar, "json", reference="table2"))}
+    rows = {r["method"]: r for r in json.loads(render_text(cifar, "json", reference="table2"))}
     sgd = rows["SGD"]
     assert sgd["published"]["table"] == "table2" and sgd["published"]["row"] == "SGD"
     assert sgd["published"]["values"]["PGD-10 linf 1/255"] == 37.9
@@ -267,7 +269,7 @@ def test_reference_in_every_format(cifar):
     assert rows["SAM rho=0.1"]["published"]["diff"]["FGSM linf 1/255"] is None
     assert rows["SAM rho=0.7"]["published"] is None
 
-    table = list(csv.reader(io.StringIO(render(cifar, "csv", reference="table2"))))
+    table = list(csv.reader(io.StringIO(render_text(cifar, "csv", reference="table2"))))
     header = table[0]
     sgd = dict(zip(header, next(row for row in table if row[0] == "SGD"), strict=True))
     assert sgd["Natural mean"] == "94.20" and sgd["Natural published"] == "94.50"
@@ -278,13 +280,13 @@ def test_reference_in_every_format(cifar):
     )
     assert unmatched["Natural published"] == "" and unmatched["published row"] == ""
 
-    markdown = render(cifar, "markdown", reference="table2")
+    markdown = render_text(cifar, "markdown", reference="table2")
     assert "| SGD | 94.2 ± 0.2 | 63.0 ± 0.0 | 38.0 ± 1.0 |" in markdown
     assert "| ↳ published | 94.5 | 63.4 | 37.9 | 41.5 |" in markdown
     assert "| ↳ Δ published | -0.3 | -0.4 | +0.1 | -0.5 |" in markdown
     assert "| 10.0 ± 0.0 | 37.7 ± 0.1 | 3 |" in markdown  # Pixle, Average, n
 
-    latex = render(cifar, "latex", reference="table2")
+    latex = render_text(cifar, "latex", reference="table2")
     assert r"\quad published & 94.5 & 63.4 & 37.9" in latex
     assert r"\quad $\Delta$ published & -0.3 & -0.4 & +0.1" in latex
     assert r"PGD-AT linf eps=8/255 & 85.0 & - & 80.0" in latex
@@ -300,7 +302,7 @@ def test_unknown_reference_is_a_one_line_error(cifar):
 
 
 def test_ci_is_a_t_interval(cifar):
-    rows = {r["method"]: r for r in json.loads(render(cifar, "json", ci=True))}
+    rows = {r["method"]: r for r in json.loads(render_text(cifar, "json", ci=True))}
     natural = rows["SGD"]["Natural"]
     # t(0.975, 2 dof) = 4.302653: 94.2 ± 4.302653 * 0.2 / sqrt(3)
     assert natural["n"] == 3
@@ -334,7 +336,7 @@ def test_compare_pairs_runs_by_seed(cifar):
     assert one["Runs"] == "1 pair"
     assert "Δ vs SGD" not in lines[labels.index("SGD") + 1][0]
 
-    rows = {r["method"]: r for r in json.loads(render(cifar, "json", compare="SGD", ci=True))}
+    rows = {r["method"]: r for r in json.loads(render_text(cifar, "json", compare="SGD", ci=True))}
     compare = rows["SAM rho=0.1"]["compare"]
     assert compare["baseline"] == "SGD" and compare["pairs"] == 2
     natural = compare["diff"]["Natural"]
@@ -344,7 +346,7 @@ def test_compare_pairs_runs_by_seed(cifar):
     assert natural["ci95"] == pytest.approx([1.2 - half, 1.2 + half])
     assert rows["SGD"]["compare"] is None
 
-    table = list(csv.reader(io.StringIO(render(cifar, "csv", compare="SGD"))))
+    table = list(csv.reader(io.StringIO(render_text(cifar, "csv", compare="SGD"))))
     sam_row = dict(zip(table[0], next(r for r in table if r[0] == "SAM rho=0.1"), strict=True))
     assert sam_row["Natural vs SGD mean"] == "1.20" and sam_row["pairs with SGD"] == "2"
 

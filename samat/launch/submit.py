@@ -40,10 +40,9 @@ from submitit import LocalExecutor, SlurmExecutor
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
-from samat import container
 from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig
 from samat.grid import RunSpec, expand, preflight
-from samat.launch import scheduler
+from samat.launch import container, scheduler
 from samat.launch.lock import output_lock
 from samat.launch.status import follow, plural, result_line, say
 from samat.launch.task import RunTask

@@ -22,7 +22,7 @@ from typing import Any
 from submitit import JobEnvironment
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from samat import container
+from samat.launch import container
 from samat.store import LOG, RunDir
 
 log = logging.getLogger("samat")
