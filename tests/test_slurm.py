@@ -158,7 +158,8 @@ def test_grid_runs_as_one_array_and_resubmits_only_what_is_missing(tmp_path: Pat
     (redo.run_dir / "result.json").unlink()
     resubmitted = samat("submit", grid_file, "--wait")
     assert resubmitted.exit_code == 0, resubmitted.output
-    assert "1 run to run, 3 skipped (3 done)" in resubmitted.output
+    # trained, its records stored: only the summary is rewritten, nothing trains again
+    assert "1 run to run (0 to train, 1 eval only), 3 skipped (3 done)" in resubmitted.output
     assert "(one task)" in resubmitted.output
     assert tasks_of(submitted_job(resubmitted.output)) == {
         submitted_job(resubmitted.output): "COMPLETED"
