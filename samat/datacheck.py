@@ -40,25 +40,11 @@ from pathlib import Path
 
 import click
 
+from samat.attacks.kinds import CORRUPTION_NAMES
 from samat.config import ConfigError
 
-CORRUPTIONS = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
+# the 15 released CIFAR-10-C / CIFAR-100-C files (torch-free list shared with the evaluation)
+CORRUPTIONS = CORRUPTION_NAMES
 SEVERITIES = 5
 EXIT_INCOMPLETE = 1
 EXIT_ERROR = 2

@@ -48,25 +48,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from samat.attacks.kinds import CORRUPTION_NAMES
 from samat.config import ConfigError
 
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
+CORRUPTIONS: tuple[str, ...] = CORRUPTION_NAMES
 SEVERITIES = (1, 2, 3, 4, 5)
 # Folder names of the released archives, by the data set names of samat.config.DataConfig.
 RELEASED_FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}

@@ -114,6 +114,26 @@ KINDS: dict[str, AttackKind] = {
 }
 
 
+# Hendrycks & Dietterich's 15 common corruptions, in the order of their CIFAR-10-C release.
+CORRUPTION_NAMES: tuple[str, ...] = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
+
+
 def default_alpha(norm: str, eps: float) -> float:
     """PGD's step size when none is given: eps / 4 (l_inf) or eps / 8 (l_2), for evaluation and
     adversarial training alike."""
