@@ -797,7 +797,8 @@ def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
         orphan = subprocess.run([podman, "container", "exists", name]).returncode == 0
         subprocess.run([podman, "rm", "--force", "--ignore", name], capture_output=True, timeout=60)
     assert state["requeues"] >= 1 and state["attempts"] >= 2, state
-    assert 0 < resumed < 1000
+    epoch, step = resumed
+    assert (epoch, step) > (0, 0) and epoch < 1000  # training went on from where it was cut
     # scancel signals every process of the job at once, and podman's own forwarding fails then
     assert not orphan, (
         "the run's container outlived the cancelled job (RunTask must run "
@@ -805,14 +806,15 @@ def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
     )
 
 
-def wait_for_resumed_training(log: Path, timeout_s: float) -> int:
-    """The epoch a requeued attempt resumed from, once it has finished the next epoch."""
+def wait_for_resumed_training(log: Path, timeout_s: float) -> tuple[int, int]:
+    """(epoch, step) a requeued attempt resumed from (the signal stops training at a step
+    boundary, so mid-epoch too), once it has finished the epoch it resumed in."""
     deadline = time.monotonic() + timeout_s
     text = ""
     while time.monotonic() < deadline:
         text = log.read_text() if log.exists() else ""
-        resumed = re.search(r"resumed from epoch (\d+)", text)
+        resumed = re.search(r"resumed from epoch (\d+)(?: step (\d+))?", text)
         if resumed and f"epoch {int(resumed.group(1)) + 1}/" in text[resumed.end() :]:
-            return int(resumed.group(1))
+            return int(resumed.group(1)), int(resumed.group(2) or 0)
         time.sleep(2)
     pytest.fail(f"no resumed training within {timeout_s} s; run log ends:\n{text[-2000:]}")
