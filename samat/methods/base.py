@@ -19,6 +19,18 @@ class StepResult:
     logits: torch.Tensor
 
 
+def autocast_forward(model: nn.Module, images: torch.Tensor, *, amp: bool) -> torch.Tensor:
+    """The model's output, under bf16 autocast when `amp` is on."""
+    # With amp off no context is entered, so an autocast region the caller opened still applies.
+    autocast = (
+        torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)
+        if amp
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        return model(images)
+
+
 def classification_loss(
     model: nn.Module,
     images: torch.Tensor,
@@ -28,14 +40,7 @@ def classification_loss(
     reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy and logits of one forward pass, under bf16 autocast when `amp` is on."""
-    # With amp off no context is entered, so an autocast region the caller opened still applies.
-    autocast = (
-        torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)
-        if amp
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        logits = model(images)
+    logits = autocast_forward(model, images, amp=amp)
     # Under autocast the loss is taken in float32: a bf16 log-softmax loses small differences.
     wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     return F.cross_entropy(wide, labels, reduction=reduction), logits

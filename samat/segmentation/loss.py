@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from samat.methods.base import autocast_forward
 
 # Stanford Background's unknown (-1) and VOC's void boundaries are stored as this label.
 IGNORE_INDEX = 255
@@ -41,11 +41,5 @@ def segmentation_loss(
     reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and logits of one forward pass: samat.methods.base.classification_loss for masks."""
-    autocast = (
-        torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)
-        if amp
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        logits = model(images)
+    logits = autocast_forward(model, images, amp=amp)
     return pixel_cross_entropy(logits, masks, reduction=reduction), logits
