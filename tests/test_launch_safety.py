@@ -86,7 +86,7 @@ echo "Submitted batch job $id\"""",
     slurm_bin(
         "squeue",
         f"""case "$*" in
-  *'%A|%o'*) cat {t}/named 2>/dev/null ;;
+  *'%F|%o'*) cat {t}/named 2>/dev/null ;;
   *) cat {t}/queue 2>/dev/null ;;
 esac
 true""",
@@ -340,7 +340,7 @@ def test_recorded_runs_are_not_resubmitted_while_the_scheduler_is_silent(
     lines = console.export_text().splitlines()
     assert lines[1] == (
         "2 runs recorded as queued or running not resubmitted: the scheduler did not answer "
-        "(sacct and squeue failed or timed out); submit again later, or pass --ignore-scheduler "
+        "(squeue failed or timed out); submit again later, or pass --ignore-scheduler "
         "to resubmit them anyway"
     )
     assert "2 runs to run, 2 skipped (2 unknown)" in lines
@@ -349,6 +349,29 @@ def test_recorded_runs_are_not_resubmitted_while_the_scheduler_is_silent(
     # --ignore-scheduler: the user says they are not queued
     assert submit_grid(grid, executor="slurm", ignore_scheduler=True, console=console) == 0
     assert [run.state().job_id for run in runs[:2]] == ["43_0", "43_1"]
+
+
+def test_accounting_alone_is_not_an_answer_about_queued_or_running_runs(
+    tmp_path: Path, slurm_bin
+) -> None:
+    """slurmctld down, slurmdbd up: sacct still says RUNNING (its last view), squeue fails."""
+    fake_slurm(slurm_bin, tmp_path)
+    slurm_bin("squeue", "exit 1")
+    slurm_bin("sacct", 'echo "7_0|RUNNING|00:01:00"; echo "7_1|COMPLETED|00:02:00"')
+    grid = make_grid(tmp_path, seeds=2)
+    runs = [prepare(spec) for spec in expand(grid)]
+    set_state(runs[0], job_id="7_0", state="running")
+    set_state(runs[1], job_id="7_1", state="running")
+    console = recording_console()
+    assert submit_grid(grid, executor="slurm", console=console) == 1
+    assert "2 runs to run" not in console.export_text()
+    assert sbatch_count(tmp_path) == 0
+    assert [run.state().job_id for run in runs] == ["7_0", "7_1"]
+    # status still shows what accounting knows
+    assert scheduler.job_states(["7_0", "7_1"]) == {
+        "7_0": scheduler.JobInfo("RUNNING", "00:01:00"),
+        "7_1": scheduler.JobInfo("COMPLETED", "00:02:00"),
+    }
 
 
 def test_submit_cli_exit_status_and_ignore_scheduler_flag(

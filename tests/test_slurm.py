@@ -13,7 +13,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from click.testing import CliRunner, Result
 from samat.cli import cli
 from samat.config import load_grid
 from samat.grid import expand
-from samat.launch.scheduler import job_states
+from samat.launch.scheduler import job_states, parse_sacct
 from samat.launch.status import run_statuses
 from samat.store import RunDir, find_runs, prepare, read_checkpoint
 from samat.train import execute
@@ -277,3 +279,145 @@ def test_time_limit_during_evaluation_requeues_and_the_evaluation_completes(
     assert "Caught signal SIGUSR2" in logs and "timed-out" in logs
     assert run.result()["robust_examples"] == 64
     assert 0 <= run.result()["robust"]["PGD"] <= run.result()["natural_subset"]
+
+
+# -- concurrent submits, cancel, a silent controller (issue: a launcher that holds up) ------------
+
+
+def accounted_tasks(name: str, *jobs: str) -> list[str]:
+    """Every array task that accounting knows of these jobs and of the jobs named `name`
+    (a `--name` query leaves out tasks that never started: each job is then asked by id)."""
+
+    def sacct(*selection: str) -> dict[str, Any]:
+        command = ["sacct", "-X", "-n", "-P", "-o", "JobID,State,Elapsed", *selection]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+        return parse_sacct(done.stdout)
+
+    ids = {task.split("_")[0] for task in sacct(f"--name={name}")} | set(jobs)
+    return sorted(sacct("-j", ",".join(sorted(ids))))
+
+
+def test_two_concurrent_submits_queue_each_run_once_on_the_cluster(tmp_path: Path) -> None:
+    """Two `samat submit` processes of one grid at once: the output directory's lock lets one
+    queue the array; the other finds every run queued. Accounting shows one task per run."""
+    name = f"slurm-concurrent-{time.time_ns()}"  # accounting remembers earlier tests' jobs
+    grid_file = write_grid(tmp_path, name, ARRAY_BASE, **ARRAY_GRID)
+    command = [sys.executable, "-m", "samat", "submit", str(grid_file)]
+    first, second = (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    )
+    outputs = [p.communicate(timeout=WAIT_S)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    jobs = [re.search(r"submitted SLURM job (\d+)", out) for out in outputs]
+    assert sum(match is not None for match in jobs) == 1, outputs
+    job = next(match.group(1) for match in jobs if match)
+    assert any("nothing to submit: 0 runs to run, 4 skipped" in out for out in outputs), outputs
+    recorded = sorted(str(RunDir(s.run_dir).state().job_id) for s in expand(load_grid(grid_file)))
+    assert recorded == [f"{job}_{i}" for i in range(4)]
+    subprocess.run(["scancel", job], timeout=60, check=True)
+    wait_until_ended(job)
+    # a second array would still be queued under the grid's name, and be in accounting
+    assert jobs_named(f"samat-{name}") == []
+    deadline = time.monotonic() + 60
+    while len(tasks := accounted_tasks(f"samat-{name}", job)) < 4:  # accounting lags
+        assert time.monotonic() < deadline, tasks
+        time.sleep(1)
+    assert tasks == recorded
+
+
+def test_cancel_a_running_grid_then_a_submit_finishes_it(tmp_path: Path) -> None:
+    base = copy.deepcopy(TINY_BASE)
+    base["eval"]["attacks"] = []
+    # at least 20 s of training whatever the machine's speed: cancel comes first
+    base["train"]["epochs"] = max(3, round(20 / seconds_of(base, tmp_path, "train")))
+    grid_file = write_grid(
+        tmp_path,
+        "slurm-cancel",
+        base,
+        seeds=[0, 1],
+        slurm={"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 20},
+    )
+    result = samat("submit", grid_file)
+    assert result.exit_code == 0, result.output
+    job = submitted_job(result.output)
+    runs = [RunDir(spec.run_dir) for spec in expand(load_grid(grid_file))]
+    deadline = time.monotonic() + WAIT_S
+    while not all(run.metrics() for run in runs):  # both are training
+        assert time.monotonic() < deadline, tasks_of(job)
+        time.sleep(0.2)
+
+    cancelled = samat("cancel", tmp_path / "out")
+    assert cancelled.exit_code == 0, cancelled.output
+    assert cancelled.output.startswith(f"cancelled 2 runs (scancel {job})"), cancelled.output
+    assert set(wait_until_ended(job).values()) == {"CANCELLED"}
+    rows = json.loads(samat("status", tmp_path / "out", "--json").output)
+    assert [row["state"] for row in rows] == ["cancelled", "cancelled"]
+    assert all(len(run.metrics()) < base["train"]["epochs"] for run in runs)
+
+    again = samat("submit", grid_file, "--wait")
+    assert again.exit_code == 0, again.output
+    assert "2 runs to run" in again.output
+    for run in runs:
+        assert run.state().state == "done"
+        assert "resumed from epoch" in run.file("log").read_text()
+        assert [m["epoch"] for m in run.metrics()] == list(range(1, base["train"]["epochs"] + 1))
+
+
+SLURM_STATE = Path(os.environ.get("SLURM_TEST_STATE", "/var/lib/slurm-test"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_with_slurmctld_stopped_submit_queues_nothing_and_fails(tmp_path: Path) -> None:
+    """The controller is down while a run is recorded as running: accounting (slurmdbd) still
+    answers, but its last view is no answer. Submit queues nothing and exits non-zero."""
+    pid_file = SLURM_STATE / "run" / "slurmctld.pid"
+    if not pid_file.is_file():
+        pytest.fail(
+            f"no {pid_file}: this test stops and restarts the cluster that "
+            "slurm/start-cluster.sh started (SLURM_TEST_STATE)"
+        )
+    base = copy.deepcopy(TINY_BASE)
+    base["eval"]["attacks"] = []
+    base["train"]["epochs"] = 100_000  # runs until cancelled below
+    name = f"slurm-silent-{time.time_ns()}"
+    grid_file = write_grid(
+        tmp_path,
+        name,
+        base,
+        slurm={"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 20},
+    )
+    result = samat("submit", grid_file)
+    assert result.exit_code == 0, result.output
+    job = submitted_job(result.output)
+    run = RunDir(expand(load_grid(grid_file))[0].run_dir)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while run.state().state != "running":
+            assert time.monotonic() < deadline, tasks_of(job)
+            time.sleep(0.2)
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while subprocess.run(["scontrol", "ping"], capture_output=True, timeout=60).returncode == 0:
+            assert time.monotonic() < deadline, "slurmctld did not stop"
+            time.sleep(0.5)
+        before = run.state().job_id
+        silent = subprocess.run(
+            [sys.executable, "-m", "samat", "submit", str(grid_file)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
+        assert silent.returncode == 1, silent.stdout + silent.stderr
+        assert (
+            "1 run recorded as queued or running not resubmitted: the scheduler did not "
+            "answer (squeue failed or timed out)" in silent.stdout
+        ), silent.stdout
+        assert "submitted SLURM job" not in silent.stdout
+        assert run.state().job_id == before
+    finally:
+        subprocess.run(["bash", str(ROOT / "slurm" / "start-cluster.sh")], timeout=300, check=True)
+        subprocess.run(["scancel", job], timeout=60)
+    wait_until_ended(job)
+    # nothing else was queued under the grid's name
+    assert {task.split("_")[0] for task in accounted_tasks(f"samat-{name}", job)} == {job}

@@ -101,11 +101,15 @@ def _job_id_parts(job_id: str) -> list[tuple[str, ...]]:
         return []
 
 
-def job_states(job_ids: Iterable[str]) -> dict[str, JobInfo] | None:
+def job_states(
+    job_ids: Iterable[str], *, need_controller: bool = False
+) -> dict[str, JobInfo] | None:
     """What the scheduler knows of these jobs ('123' or '123_4'); None when SLURM does not answer.
 
     sacct gives finished jobs too (while accounting remembers them); squeue's answer wins for jobs
-    still queued or running, since it is the controller's own view.
+    still queued or running, since it is the controller's own view. need_controller: None unless
+    squeue answered, since with slurmctld down accounting (slurmdbd) still reports the last state
+    it saw, e.g. RUNNING for a task that has ended since.
     """
     bases = {job_id.split("_")[0] for job_id in job_ids if is_slurm_id(job_id)}
     if not bases:
@@ -122,7 +126,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobInfo] | None:
             known[job_id] = JobInfo(
                 info.state, known[job_id].elapsed if job_id in known else info.elapsed
             )
-    if sacct is None and squeue is None:
+    if squeue is None and (need_controller or sacct is None):
         return None
     return known
 
@@ -138,8 +142,8 @@ def array_id(job_id: str) -> str:
 
 def jobs_named(name: str) -> list[tuple[str, str]] | None:
     """(array job id, batch script path) of this user's queued or running jobs named `name`;
-    None when squeue does not answer."""
-    out = query(["squeue", "-h", "--me", f"--name={name}", "-o", "%A|%o"])
+    None when squeue does not answer. %F, the array's id: %A is each running task's own id."""
+    out = query(["squeue", "-h", "--me", f"--name={name}", "-o", "%F|%o"])
     if out is None:
         return None
     jobs = []

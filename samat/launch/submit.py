@@ -253,7 +253,7 @@ def select_runs(
     runs = {spec.run_id: RunDir(spec.run_dir) for spec in specs}
     states = {run_id: run.state() for run_id, run in runs.items()}
     ids = [str(s.job_id) for s in states.values() if s.job_id]
-    jobs = scheduler.job_states(ids) if ids else {}
+    jobs = scheduler.job_states(ids, need_controller=True) if ids else {}
     actions = {}
     for spec in specs:
         run, state = runs[spec.run_id], states[spec.run_id]
@@ -367,7 +367,7 @@ LIVE = ("queued", "running", "unknown")
 def _unknown_line(count: int) -> str:
     return (
         f"{plural(count, 'run')} recorded as queued or running not resubmitted: the scheduler "
-        "did not answer (sacct and squeue failed or timed out); submit again later, or pass "
+        "did not answer (squeue failed or timed out); submit again later, or pass "
         "--ignore-scheduler to resubmit them anyway"
     )
 
