@@ -70,18 +70,23 @@ fi
 step "base image $BASE ready"
 
 # --- pip sources for the build ------------------------------------------------------------------
-# This machine keeps torch and its CUDA wheels on disk (/opt/pypi, /opt/pypi-more): installing
-# from there beats ~4 GB from PyPI. pip takes PyPI's copy when both offer a version, so the build
-# uses no index at all: local files plus a small wheelhouse of what the disk lacks.
+# The image installs requirements.lock (hashes checked). This machine keeps torch and its CUDA
+# wheels on disk (/opt/pypi, /opt/pypi-more): installing from there beats ~4 GB from PyPI, so the
+# build uses no index at all: local files plus a wheelhouse of the locked wheels the disk lacks,
+# downloaded (hash-checked) whenever the lock changes.
 build_mounts=()
 if [ -d /opt/pypi/files ] && [ -d /opt/pypi-more/files ]; then
   mkdir -p "$STATE/wheelhouse"
-  if [ ! -s "$STATE/wheelhouse/.complete" ]; then
-    step "downloading the wheels the local files lack"
-    PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS='' python3 -m pip download -q --no-deps -d "$STATE/wheelhouse" \
-      torchattacks==3.5.1 submitit==1.5.4 requests==2.25.1 chardet==4.0.0 idna==2.10 \
-      urllib3==1.26.20 cuda-bindings==13.5.0
-    date > "$STATE/wheelhouse/.complete"
+  lock_sum=$(sha256sum "$REPO/requirements.lock" | cut -d' ' -f1)
+  if [ "$(cat "$STATE/wheelhouse/.complete" 2>/dev/null)" != "$lock_sum" ]; then
+    step "downloading the locked wheels the local files lack"
+    python3 "$REPO/.ci/wheelhouse.py" "$REPO/requirements.lock" "$STATE/wheelhouse" /opt/pypi/files \
+      /opt/pypi-more/files > "$STATE/wheelhouse.txt"
+    if [ -s "$STATE/wheelhouse.txt" ]; then
+      PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS='' python3 -m pip download -q --no-deps \
+        --only-binary=:all: --require-hashes -d "$STATE/wheelhouse" -r "$STATE/wheelhouse.txt"
+    fi
+    echo "$lock_sum" > "$STATE/wheelhouse/.complete"
   fi
   cat > "$STATE/pip.conf" <<'CONF'
 [global]
@@ -111,7 +116,8 @@ if ! podman build --isolation=chroot --network=host --build-arg BASE_IMAGE="$BAS
   tail -n 30 "$STATE/build.log" >&2
   exit 1
 fi
-podman image prune -f >/dev/null
+# a failed prune (an image still used by a stopped build, say) costs only disk
+podman image prune -f >/dev/null 2>&1 || step "podman image prune failed; old images stay"
 ID=$(podman image inspect --format '{{.Id}}' "$IMAGE")
 step "image $IMAGE ready: $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=si)B"
 
