@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 import os
-import platform
 import socket
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from rich.progress import Progress, TimeElapsedColumn
 
-from samat import __version__, attacks, methods, models
+from samat import __version__, attacks, methods, models, versions
 from samat.config import (
     AdversarialMethod,
     AttackSpec,
@@ -361,13 +360,14 @@ def train(
         channels_last=train_cfg.channels_last,
     )
     log.info(
-        "run %s: %s on %s, %d epochs from epoch %d, device %s",
+        "run %s: %s on %s, %d epochs from epoch %d, device %s, threads %d",
         run.run_id,
         config.method.name,
         config.data.name,
         train_cfg.epochs,
         position.epoch,
         device,
+        torch.get_num_threads(),
     )
     bar = _progress_bar()
     task = (
@@ -595,11 +595,7 @@ def _result(
         "passes_per_step": method.passes_per_step,
         "epochs": config.train.epochs,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {
-            "samat": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": {**versions(), "torch_build": torch.__version__},
         "records": {label: r["key"] for label, r in records.items()},
         "request": run.request_key(),
     }

@@ -421,3 +421,33 @@ def test_with_slurmctld_stopped_submit_queues_nothing_and_fails(tmp_path: Path) 
     wait_until_ended(job)
     # nothing else was queued under the grid's name
     assert {task.split("_")[0] for task in accounted_tasks(f"samat-{name}", job)} == {job}
+
+
+def test_a_run_on_the_cluster_equals_the_same_run_locally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same config and seed, same numbers: an array task (1 CPU, so 1 thread) and the local
+    executor with 1 thread give bit-identical weights and equal results."""
+    base = copy.deepcopy(TINY_BASE)
+    grid_file = write_grid(
+        tmp_path,
+        "slurm-equal",
+        base,
+        variants=[{"method.name": "standard"}, {"method.name": "sam", "method.rho": 0.1}],
+        slurm={"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 10},
+    )
+    result = samat("submit", grid_file, "--wait")
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("SAMAT_NUM_THREADS", "1")
+    for spec in expand(load_grid(grid_file)):
+        cluster = RunDir(spec.run_dir)
+        assert cluster.state().state == "done"
+        assert "threads 1" in cluster.file("log").read_text()
+        local = prepare(dataclasses.replace(spec, run_dir=tmp_path / "local" / spec.run_id))
+        execute(local.path)
+        ours, theirs = weights(cluster), weights(local)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), spec.label
+        for key in ("natural", "natural_subset", "robust"):
+            assert cluster.result()[key] == local.result()[key], key
+        assert [m["loss"] for m in cluster.metrics()] == [m["loss"] for m in local.metrics()]
