@@ -252,13 +252,24 @@ class TrainConfig(Strict):
     batch_size: int = Field(default=128, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    amp: bool = False
+    # Mixed precision: every forward under autocast in bf16, or in fp16 with a GradScaler (its
+    # scale is checkpointed); off = float32. true/false are read as bf16/off.
+    amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
+    # torch.compile the model (the first steps of each pass kind pay for the compilation).
+    compile: bool = False
     # Bitwise-reproducible kernels; slower on GPU, needed for exact resume checks.
     deterministic: bool = False
     # Which weights the evaluations attack: the last epoch's, or the validation-best epoch's.
     keep: Literal["last", "best"] = "last"
     validation: ValidationConfig = Field(default_factory=lambda: ValidationConfig())
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_from_bool(cls, value: Any) -> Any:
+        if value is True:
+            return "bf16"
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _best_needs_validation(self) -> TrainConfig:

@@ -378,10 +378,22 @@ def train(
         if bar
         else None
     )
+    # compiled for the training steps only: checkpoints, validation and evaluation use the module
+    # itself (a compiled module's state_dict keys carry an '_orig_mod.' prefix)
+    stepped = torch.compile(model) if train_cfg.compile else model
     try:
         while position.epoch < train_cfg.epochs:
             record = _epoch(
-                run, config, model, optimizer, method, loader, position, stop, (bar, task)
+                run,
+                config,
+                model,
+                optimizer,
+                method,
+                loader,
+                position,
+                stop,
+                (bar, task),
+                stepped=stepped,
             )
             record.update(_validate(run, config, dataset, model, position))
             run.append_metrics(record)
@@ -417,8 +429,11 @@ def _epoch(
     position: Position,
     stop: StopFlag | None,
     progress: tuple[Progress | None, Any],
+    *,
+    stepped: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """One epoch from `position.step`; loss and accuracy summed on the device and read once."""
+    """One epoch from `position.step`; loss and accuracy summed on the device and read once.
+    `stepped`: what the method steps (the compiled model under train.compile), else `model`."""
     epochs, epoch = config.train.epochs, position.epoch
     lr = config.train.optimizer.lr * lr_factor(config.train.schedule, epoch, epochs)
     for group in optimizer.param_groups:
@@ -434,7 +449,7 @@ def _epoch(
     bar, task = progress
     step = position.step
     for step, (images, labels) in enumerate(loader.epoch(epoch, position.step), position.step):
-        out = method.step(model, images, labels)
+        out = method.step(model if stepped is None else stepped, images, labels)
         loss = out.loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         loss_sum += loss.double() * labels.numel()

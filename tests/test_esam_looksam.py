@@ -127,7 +127,7 @@ def test_esam_with_beta_and_gamma_one_is_sam(weight_decay: float) -> None:
 
 def test_esam_default_hyper_parameters() -> None:
     method = ESAMTraining(sgd(nn.Linear(1, 1)), 0.2)
-    assert (method.rho, method.beta, method.gamma, method.amp) == (0.2, 0.6, 0.5, False)
+    assert (method.rho, method.beta, method.gamma, method.amp) == (0.2, 0.6, 0.5, "off")
     assert method.generator is None
 
 
@@ -362,7 +362,7 @@ def test_looksam_steps_match_hand_computation(alpha: float) -> None:
 
 def test_looksam_defaults_and_passes_per_step() -> None:
     method = LookSAMTraining(sgd(nn.Linear(1, 1)), 0.3)
-    assert (method.sam.rho, method.k, method.alpha, method.amp) == (0.3, 5, 0.7, False)
+    assert (method.sam.rho, method.k, method.alpha, method.amp) == (0.3, 5, 0.7, "off")
     assert not method.sam.adaptive
     assert method.passes_per_step == pytest.approx(1.2, abs=1e-12)
     for k, passes in [(1, 2.0), (2, 1.5), (10, 1.1)]:
@@ -546,11 +546,11 @@ def test_create_from_a_validated_run_config() -> None:
     optimizer = sgd(nn.Linear(1, 1))
     esam = create(validate_run({"method": {"name": "esam"}}).method, optimizer)
     assert isinstance(esam, ESAMTraining) and esam.optimizer is optimizer
-    assert (esam.rho, esam.beta, esam.gamma, esam.amp) == (0.05, 0.6, 0.5, False)
+    assert (esam.rho, esam.beta, esam.gamma, esam.amp) == (0.05, 0.6, 0.5, "off")
     assert esam.passes_per_step == pytest.approx(1.7, abs=1e-12)
     looksam = create(validate_run({"method": {"name": "looksam"}}).method, optimizer)
     assert isinstance(looksam, LookSAMTraining) and looksam.optimizer is optimizer
-    assert (looksam.sam.rho, looksam.k, looksam.alpha, looksam.amp) == (0.05, 5, 0.7, False)
+    assert (looksam.sam.rho, looksam.k, looksam.alpha, looksam.amp) == (0.05, 5, 0.7, "off")
     assert looksam.sam.base_optimizer is optimizer
     assert looksam.passes_per_step == pytest.approx(1.2, abs=1e-12)
 
@@ -559,8 +559,8 @@ def test_create_passes_every_setting_through() -> None:
     optimizer, generator = sgd(nn.Linear(1, 1)), torch.Generator()
     cfg = {"name": "esam", "rho": 0.2, "beta": 0.3, "gamma": 0.4}
     esam = create(validate_run({"method": cfg}).method, optimizer, amp=True, generator=generator)
-    assert (esam.rho, esam.beta, esam.gamma, esam.amp) == (0.2, 0.3, 0.4, True)
+    assert (esam.rho, esam.beta, esam.gamma, esam.amp) == (0.2, 0.3, 0.4, "bf16")
     assert esam.generator is generator
     cfg = {"name": "looksam", "rho": 0.3, "k": 4, "alpha": 0.2}
     looksam = create(validate_run({"method": cfg}).method, optimizer, amp=True)
-    assert (looksam.sam.rho, looksam.k, looksam.alpha, looksam.amp) == (0.3, 4, 0.2, True)
+    assert (looksam.sam.rho, looksam.k, looksam.alpha, looksam.amp) == (0.3, 4, 0.2, "bf16")

@@ -1,10 +1,12 @@
 """Training methods (ST, SAM, ASAM, ESAM, LookSAM, PGD-AT, FGSM-AT) behind one `step` interface
 and a registry.
 
-`amp=True` runs every forward (training passes and adversarial-example generation) under
-`torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)` on any device, CPU
-included; the loss is taken in float32 and bf16 needs no GradScaler. Parameters stay float32;
-`StepResult.logits` are then bf16.
+`amp="bf16"` (or True) runs every forward (training passes and adversarial-example generation)
+under `torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)` on any device, CPU
+included; the loss is taken in float32 and bf16 needs no GradScaler. `amp="fp16"` autocasts to
+float16 and scales every backward with a GradScaler (`Method.backward`, `Method.optimizer_step`;
+its scale is part of the method's checkpointed state). Parameters stay float32; `StepResult.logits`
+are then bf16 or fp16.
 """
 
 from __future__ import annotations
@@ -48,13 +50,13 @@ Factory = Callable[[MethodConfig, torch.optim.Optimizer, bool, torch.Generator |
 
 
 def _standard(
-    cfg: StandardMethod, optimizer: torch.optim.Optimizer, amp: bool, _: torch.Generator | None
+    cfg: StandardMethod, optimizer: torch.optim.Optimizer, amp: str, _: torch.Generator | None
 ) -> Method:
     return StandardTraining(optimizer, amp=amp)
 
 
 def _sam(
-    cfg: SAMMethod, optimizer: torch.optim.Optimizer, amp: bool, _: torch.Generator | None
+    cfg: SAMMethod, optimizer: torch.optim.Optimizer, amp: str, _: torch.Generator | None
 ) -> Method:
     return SharpnessAwareTraining(
         optimizer, cfg.rho, adaptive=cfg.name == "asam", eta=cfg.eta, amp=amp
@@ -64,7 +66,7 @@ def _sam(
 def _esam(
     cfg: ESAMMethod,
     optimizer: torch.optim.Optimizer,
-    amp: bool,
+    amp: str,
     generator: torch.Generator | None,
 ) -> Method:
     return ESAMTraining(
@@ -73,7 +75,7 @@ def _esam(
 
 
 def _looksam(
-    cfg: LookSAMMethod, optimizer: torch.optim.Optimizer, amp: bool, _: torch.Generator | None
+    cfg: LookSAMMethod, optimizer: torch.optim.Optimizer, amp: str, _: torch.Generator | None
 ) -> Method:
     return LookSAMTraining(optimizer, cfg.rho, k=cfg.k, alpha=cfg.alpha, amp=amp)
 
@@ -81,7 +83,7 @@ def _looksam(
 def _pgd_at(
     cfg: AdversarialMethod,
     optimizer: torch.optim.Optimizer,
-    amp: bool,
+    amp: str,
     generator: torch.Generator | None,
 ) -> Method:
     alpha = default_alpha(cfg.norm, cfg.eps) if cfg.alpha is None else cfg.alpha
@@ -100,7 +102,7 @@ def _pgd_at(
 def _fgsm_at(
     cfg: AdversarialMethod,
     optimizer: torch.optim.Optimizer,
-    amp: bool,
+    amp: str,
     generator: torch.Generator | None,
 ) -> Method:
     # Wong et al. 2020: one step of 1.25 eps from a random start; `steps` does not apply.
@@ -133,7 +135,7 @@ def create(
     cfg: MethodConfig,
     optimizer: torch.optim.Optimizer,
     *,
-    amp: bool = False,
+    amp: str | bool = "off",
     generator: torch.Generator | None = None,
 ) -> Method:
     """The training method `cfg` names, stepping `optimizer` (the base optimizer for SAM/ASAM).

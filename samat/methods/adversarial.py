@@ -77,7 +77,7 @@ def pgd(
     norm: Norm,
     random_start: bool,
     generator: torch.Generator | None = None,
-    amp: bool = False,
+    amp: str | bool = "off",
 ) -> torch.Tensor:
     """Adversarial examples by `steps` steps of projected gradient ascent on the cross-entropy.
 
@@ -115,7 +115,7 @@ class AdversarialTraining(Method):
         alpha: float,
         steps: int,
         random_start: bool,
-        amp: bool = False,
+        amp: str | bool = "off",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(optimizer, amp=amp)
@@ -143,6 +143,6 @@ class AdversarialTraining(Method):
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward(model, adv, labels)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return StepResult(loss.detach(), logits.detach())

@@ -10,6 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# train.amp's modes and their autocast dtypes ("off": float32, no autocast).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_mode(amp: str | bool) -> str:
+    """'off', 'bf16' or 'fp16'; True means bf16 and False off (the config's old spelling)."""
+    if isinstance(amp, bool):
+        return "bf16" if amp else "off"
+    if amp != "off" and amp not in AMP_DTYPES:
+        raise ValueError(f"unknown amp mode {amp!r}; use off, bf16 or fp16")
+    return amp
+
 
 @dataclass
 class StepResult:
@@ -19,12 +31,13 @@ class StepResult:
     logits: torch.Tensor
 
 
-def autocast_forward(model: nn.Module, images: torch.Tensor, *, amp: bool) -> torch.Tensor:
-    """The model's output, under bf16 autocast when `amp` is on."""
+def autocast_forward(model: nn.Module, images: torch.Tensor, *, amp: str | bool) -> torch.Tensor:
+    """The model's output, under bf16 or fp16 autocast as `amp` says (see amp_mode)."""
+    mode = amp_mode(amp)
     # With amp off no context is entered, so an autocast region the caller opened still applies.
     autocast = (
-        torch.autocast(device_type=images.device.type, dtype=torch.bfloat16)
-        if amp
+        torch.autocast(device_type=images.device.type, dtype=AMP_DTYPES[mode])
+        if mode != "off"
         else contextlib.nullcontext()
     )
     with autocast:
@@ -36,10 +49,10 @@ def classification_loss(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    amp: bool = False,
+    amp: str | bool = "off",
     reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and logits of one forward pass, under bf16 autocast when `amp` is on."""
+    """Cross-entropy and logits of one forward pass, under autocast as `amp` says."""
     logits = autocast_forward(model, images, amp=amp)
     # Under autocast the loss is taken in float32: a bf16 log-softmax loses small differences.
     wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -51,13 +64,20 @@ class Method(ABC):
 
     `passes_per_step` is the number of forward+backward passes a step costs, which is what the
     papers compare methods by (ST 1, SAM 2, PGD-k AT k + 1).
+
+    amp 'fp16' brings a GradScaler: every backward goes through `backward` (the loss scaled),
+    every update through `optimizer_step` (unscaled; skipped, with the scale lowered, when a
+    gradient is inf or NaN). SAM's perturbation rho g / ||g|| does not depend on the scale.
     """
 
     passes_per_step: int
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, amp: bool = False) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, *, amp: str | bool = "off") -> None:
         self.optimizer = optimizer
-        self.amp = amp
+        self.amp = amp_mode(amp)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        device = params[0].device.type if params else "cpu"
+        self.scaler = torch.amp.GradScaler(device, enabled=self.amp == "fp16")
 
     @abstractmethod
     def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
@@ -68,3 +88,39 @@ class Method(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and logits, with this method's autocast setting."""
         return classification_loss(model, images, labels, amp=self.amp)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate: scaled by the GradScaler under fp16, else itself."""
+        return self.scaler.scale(loss) if self.scaler.is_enabled() else loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaled(loss).backward()
+
+    def optimizer_step(self) -> None:
+        """The optimizer's step on the gradients `backward` left (through the scaler under fp16)."""
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State kept between steps, as tensors for the checkpoint: the fp16 loss scale."""
+        if not self.scaler.is_enabled():
+            return {}
+        state = self.scaler.state_dict()
+        return {
+            "amp.scale": torch.tensor(state["scale"], dtype=torch.float64),
+            "amp.growth_tracker": torch.tensor(state["_growth_tracker"], dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned (nothing to do without fp16)."""
+        if self.scaler.is_enabled() and "amp.scale" in state:
+            self.scaler.load_state_dict(
+                {
+                    **self.scaler.state_dict(),
+                    "scale": float(state["amp.scale"]),
+                    "_growth_tracker": int(state["amp.growth_tracker"]),
+                }
+            )

@@ -72,7 +72,7 @@ class ESAMTraining(Method):
         *,
         beta: float = 0.6,
         gamma: float = 0.5,
-        amp: bool = False,
+        amp: str | bool = "off",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(optimizer, amp=amp)
@@ -96,7 +96,7 @@ class ESAMTraining(Method):
         if chosen:
             # autograd.grad over the drawn tensors only: the weight gradients of the others are
             # never computed (SWP's saving), and .grad stays empty for the second pass.
-            grads = torch.autograd.grad(loss, chosen, allow_unused=True)
+            grads = torch.autograd.grad(self.scaled(loss), chosen, allow_unused=True)
             present = [i for i, g in enumerate(grads) if g is not None]
             perturbed = [chosen[i] for i in present]
             shifts = sam_perturbation(perturbed, [grads[i] for i in present], self.rho / self.beta)
@@ -116,10 +116,10 @@ class ESAMTraining(Method):
                 index = torch.topk(rise, keep).indices
                 images, labels = images[index], labels[index]
             second, _ = classification_loss(model, images, labels, amp=self.amp)
-            second.backward()
+            self.backward(second)
         with torch.no_grad():
             # Copying the saved w back, rather than subtracting e, returns exactly to w.
             for p, w in saved:
                 p.copy_(w)
-        self.optimizer.step()
+        self.optimizer_step()
         return StepResult(loss.detach(), logits.detach())

@@ -64,7 +64,7 @@ class LookSAMTraining(Method):
         *,
         k: int = 5,
         alpha: float = 0.7,
-        amp: bool = False,
+        amp: str | bool = "off",
     ) -> None:
         super().__init__(optimizer, amp=amp)
         self.sam = SAM(optimizer, rho)
@@ -84,7 +84,7 @@ class LookSAMTraining(Method):
         self.steps += 1
         self.sam.zero_grad()
         loss, logits = self.forward(model, images, labels)
-        loss.backward()
+        self.backward(loss)
         indexed = [(i, p) for i, p in enumerate(self._params()) if p.grad is not None]
         grads = [p.grad for _, p in indexed]
         if refresh:
@@ -92,26 +92,32 @@ class LookSAMTraining(Method):
             self.sam.zero_grad()
             with frozen_bn_stats(model):
                 perturbed_loss, _ = self.forward(model, images, labels)
-            perturbed_loss.backward()
+            self.backward(perturbed_loss)
             sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in indexed]
             stored = orthogonal_component(sam_grads, grads)
+            if self.scaler.is_enabled():
+                # fp16 gradients are scaled (g_v is used only through its direction) and may
+                # overflow: a non-finite g_v is stored as 0, which leaves later gradients alone
+                finite = torch.stack([torch.isfinite(v).all() for v in stored]).all()
+                stored = [torch.where(finite, v, torch.zeros_like(v)) for v in stored]
             self.stored = {indexed[j][0]: v for j, v in enumerate(stored)}
-            self.sam.second_step()
+            self.sam.restore()
         else:
             pairs = [(p, self.stored[i]) for i, p in indexed if i in self.stored]
             if pairs:
                 looksam_gradient_([p.grad for p, _ in pairs], [v for _, v in pairs], self.alpha)
-            self.optimizer.step()
+        self.optimizer_step()
         return StepResult(loss.detach(), logits.detach())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The step counter ("step", int64) and g_v ("g_v.<param index>"), all tensors."""
-        state = {"step": torch.tensor(self.steps)}
+        state = {**super().state_dict(), "step": torch.tensor(self.steps)}
         state.update({f"g_v.{i}": v for i, v in self.stored.items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `state_dict` returned; g_v moves to its parameter's device and dtype."""
+        super().load_state_dict(state)
         params = self._params()
         self.steps = int(state["step"])
         self.stored = {}

@@ -97,13 +97,17 @@ class SAM:
         return perturbation
 
     @torch.no_grad()
-    def second_step(self) -> None:
-        """Restore w and take the base optimizer's step with the gradient computed at w + e."""
+    def restore(self) -> None:
+        """Move back to the w that first_step stored."""
         if not self._saved:
             raise RuntimeError("SAM.second_step called without first_step")
         for p, w in self._saved:
             p.copy_(w)
         self._saved = []
+
+    def second_step(self) -> None:
+        """Restore w and take the base optimizer's step with the gradient computed at w + e."""
+        self.restore()
         self.base_optimizer.step()
 
 
@@ -119,7 +123,7 @@ class SharpnessAwareTraining(Method):
         *,
         adaptive: bool = False,
         eta: float = 0.01,
-        amp: bool = False,
+        amp: str | bool = "off",
     ) -> None:
         super().__init__(optimizer, amp=amp)
         self.sam = SAM(optimizer, rho, adaptive=adaptive, eta=eta)
@@ -128,11 +132,14 @@ class SharpnessAwareTraining(Method):
         """Clean pass (updates BN stats), perturb, second pass (BN frozen), restore and step."""
         self.sam.zero_grad()
         loss, logits = self.forward(model, images, labels)
-        loss.backward()
+        # fp16: e is the same for scaled gradients; an overflow makes w + e (and so the second
+        # gradients) non-finite, and the scaler skips the step after w is restored
+        self.backward(loss)
         self.sam.first_step()
         self.sam.zero_grad()
         with frozen_bn_stats(model):
             perturbed_loss, _ = self.forward(model, images, labels)
-        perturbed_loss.backward()
-        self.sam.second_step()
+        self.backward(perturbed_loss)
+        self.sam.restore()
+        self.optimizer_step()
         return StepResult(loss.detach(), logits.detach())

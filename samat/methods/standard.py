@@ -17,6 +17,6 @@ class StandardTraining(Method):
         """One clean pass and one optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward(model, images, labels)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return StepResult(loss.detach(), logits.detach())

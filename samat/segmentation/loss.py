@@ -37,7 +37,7 @@ def segmentation_loss(
     images: torch.Tensor,
     masks: torch.Tensor,
     *,
-    amp: bool = False,
+    amp: str | bool = "off",
     reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and logits of one forward pass: samat.methods.base.classification_loss for masks."""
