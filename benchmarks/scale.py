@@ -1,8 +1,17 @@
-"""`samat status`, `samat collect` and `samat --help` on a results directory of N finished runs.
+"""`samat status`, `samat collect` and `samat --help` on a results directory of N finished runs,
+and the bookkeeping of a submit of N runs.
 
 The directory is generated, not trained: one run is laid out by samat.store itself (`prepare`),
 marked done and given a result.json; the other N - 1 are copies with their own seed and run id.
 Each command runs as a subprocess, as a user types it, so interpreter start and imports count.
+
+The submit's bookkeeping is what `samat submit` writes into the output directory for N new runs,
+timed in this process with the functions submit_grid calls for SLURM: the selection
+(`select_runs`), the one pass over the run directories (`prepare_runs`: config.yaml and
+eval.json, then one filesystem flush) and the recording of the job ids (`record_submission`:
+the journal and each run's state.json, one array of at most MaxArraySize runs at a time, with
+made-up job ids). Not in it: expanding the grid, sbatch and submitit's own files (the pickled
+tasks).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from samat import store
 from samat.config import RunConfig, validate_run
 from samat.grid import RunSpec, method_label, run_id
 
-TARGETS = {"status": 3.0, "collect": 3.0, "help": 0.5}
+TARGETS = {"status": 3.0, "collect": 3.0, "help": 0.5, "submit": 15.0}
 ATTACKS = [
     {"attack": "fgsm", "norm": "linf", "eps": "8/255"},
     {"attack": "pgd", "norm": "linf", "eps": "8/255", "steps": 10},
@@ -105,6 +114,46 @@ def write_results(root: Path, count: int) -> None:
             (folder / store.RESULT).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def submit_specs(output: Path, count: int) -> list[RunSpec]:
+    """`count` runs of a grid (the variants times seeds) that output/runs does not hold yet."""
+    specs = []
+    for index in range(min(count, len(VARIANTS))):
+        config = _config(VARIANTS[index])
+        label = method_label(config)
+        for seed in range(len(range(index, count, len(VARIANTS)))):
+            seeded = config.model_copy(update={"seed": seed})
+            rid = run_id(seeded)
+            specs.append(RunSpec(rid, seeded, label, output / "runs" / rid))
+    return specs
+
+
+def time_bookkeeping(output: Path, count: int) -> tuple[float, str | None]:
+    """Seconds of a submit's bookkeeping for `count` new runs (see the module's docstring), and
+    what is wrong with what it wrote (None when every run is recorded as queued)."""
+    from samat.launch.scheduler import DEFAULT_MAX_ARRAY_SIZE
+    from samat.launch.submit import array_chunks, prepare_runs, record_submission, select_runs
+
+    specs = submit_specs(output, count)
+    began = time.perf_counter()
+    actions = select_runs(specs)
+    prepare_runs(specs, actions, force=False, defer=True)
+    todo = [spec for spec in specs if actions[spec.run_id].runs]
+    for number, chunk in enumerate(array_chunks(todo, DEFAULT_MAX_ARRAY_SIZE)):
+        array = str(1000 + number)
+        jobs = [f"{array}_{index}" for index in range(len(chunk))]
+        record_submission(output, "scale", array, chunk, jobs)
+    seconds = time.perf_counter() - began
+    if len(todo) != count:
+        return seconds, f"{len(todo)} of {count} runs selected to run"
+    queued = sum(
+        state.state == "pending" and bool(state.job_id) and state.label is not None
+        for state in (store.RunDir(spec.run_dir).state() for spec in specs)
+    )
+    if queued != count:
+        return seconds, f"{queued} of {count} runs recorded as queued"
+    return seconds, None
+
+
 def time_command(
     args: list[str], env: dict[str, str]
 ) -> tuple[float, subprocess.CompletedProcess[str]]:
@@ -154,6 +203,12 @@ def run(
                 f"  samat {name:8s} {seconds:7.2f} s (target <= {TARGETS[name]:g} s)"
                 + (f"  FAILED: {problem}" if problem else "")
             )
+        seconds, problem = time_bookkeeping(root / "submit", count)
+        out["commands"]["submit"] = {"seconds": seconds, "exit": 0, "problem": problem}
+        printer.line(
+            f"  submit's bookkeeping {seconds:7.2f} s (select, prepare, record {count} runs; "
+            f"target <= {TARGETS['submit']:g} s)" + (f"  FAILED: {problem}" if problem else "")
+        )
         times = []
         for _ in range(help_repeats):
             seconds, proc = time_command(samat_command("--help"), env)
@@ -179,7 +234,10 @@ def figures(result: dict[str, Any]) -> list[Figure]:
     """Seconds of each command against its target; a command that failed is not ok."""
     out = []
     for name, row in result["commands"].items():
-        label = "samat --help" if name == "help" else f"samat {name} ({result['runs']} runs)"
+        label = {
+            "help": "samat --help",
+            "submit": f"samat submit bookkeeping ({result['runs']} runs)",
+        }.get(name, f"samat {name} ({result['runs']} runs)")
         figure = at_most(label + " s", row["seconds"], TARGETS[name], f"{row['seconds']:.2f}")
         if row["exit"] != 0 or row.get("problem"):
             figure = Figure(

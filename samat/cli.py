@@ -1,4 +1,9 @@
-"""The `samat` command line: thin click commands over the library."""
+"""The `samat` command line: thin click commands over the library.
+
+Importing this module (`samat --help`, every `samat` call) loads click and rich's console only:
+each command imports what it uses when it runs (pydantic's config models, the grid, the
+launcher; torch only where a run trains or evaluates). tests/test_scale.py keeps it so.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,17 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.table import Table
 
 from samat import __version__
-from samat.config import ConfigError, load_grid, load_run
-from samat.grid import RunSpec, expand, method_label, preflight, run_id
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from samat.grid import RunSpec
 
 console = Console()
 EXIT_USER_ERROR = 2
@@ -29,7 +35,12 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except ConfigError as error:
+        except ValueError as error:
+            # a ConfigError comes from samat.config, loaded by then: importing it costs nothing
+            from samat.config import ConfigError
+
+            if not isinstance(error, ConfigError):
+                raise
             click.echo(f"error: {error}", err=True)
             sys.exit(EXIT_USER_ERROR)
 
@@ -42,6 +53,8 @@ def _setup_logging(verbose: bool) -> None:
     if logger.handlers:
         return
     if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
     else:
         handler = logging.StreamHandler()
@@ -50,24 +63,32 @@ def _setup_logging(verbose: bool) -> None:
 
 
 class _Commands(click.Group):
-    """`theory` loads scipy: import it only when that command runs, not on every `samat` call."""
+    """`theory` loads scipy, `data` the config models (pydantic): import each only when that
+    command runs, not on every `samat` call."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "theory"])
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name == "theory":
-            from samat.theory_cli import theory
+        if name in LAZY_COMMANDS:
+            import importlib
 
-            return theory
+            module, attribute, _ = LAZY_COMMANDS[name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # `samat --help` lists `theory` from a fixed line instead of importing it (and scipy)
+        # `samat --help` lists the lazy commands from fixed lines instead of importing them
         rows = []
         for name in self.list_commands(ctx):
             if name == "theory":
                 rows.append((name, THEORY_HELP))
+                continue
+            if name in LAZY_COMMANDS:
+                # what the command's own get_short_help_str gives: its help, cut to the width
+                stand_in = click.Command(name, help=LAZY_COMMANDS[name][2])
+                rows.append((name, stand_in.get_short_help_str(formatter.width - 6 - len(name))))
                 continue
             command = super().get_command(ctx, name)
             if command is not None and not command.hidden:
@@ -77,6 +98,12 @@ class _Commands(click.Group):
 
 
 THEORY_HELP = "The papers' binary toy model, computed exactly (ST, AT, SAM optima)."
+DATA_HELP = "Check that a data set is where samat reads it, or download it (login nodes only)."
+# name: (module, attribute, the command's help: `samat --help` shows it without the import)
+LAZY_COMMANDS = {
+    "data": ("samat.datacheck", "data", DATA_HELP),
+    "theory": ("samat.theory_cli", "theory", THEORY_HELP),
+}
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,6 +115,9 @@ def cli(verbose: bool) -> None:
 
 
 def _load_specs(grid_file: Path) -> tuple[Any, list[RunSpec]]:
+    from samat.config import load_grid
+    from samat.grid import expand, preflight
+
     grid = load_grid(grid_file)
     specs = expand(grid, str(grid_file))
     preflight(specs, str(grid_file))
@@ -95,6 +125,8 @@ def _load_specs(grid_file: Path) -> tuple[Any, list[RunSpec]]:
 
 
 def plan_table(specs: list[RunSpec], actions: dict[str, Any] | None = None) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"{len(specs)} runs")
     columns = ["run id", "method", "data", "model", "epochs", "seed", "attacks"]
     for column in [*columns, *(["will"] if actions is not None else [])]:
@@ -110,20 +142,13 @@ def plan_table(specs: list[RunSpec], actions: dict[str, Any] | None = None) -> T
     return table
 
 
-def _add_data_commands() -> None:
-    from samat.datacheck import data  # click only: no torch
-
-    cli.add_command(data)
-
-
-_add_data_commands()
-
-
 @cli.command()
 @click.argument("grid_file", type=click.Path(path_type=Path))
 @user_errors
 def plan(grid_file: Path) -> None:
     """Print the runs a grid expands to and what a submit would do with each; submit nothing."""
+    from samat.config import ConfigError, load_grid
+    from samat.grid import expand, preflight
     from samat.launch.submit import _count_line, check_layout, select_runs
 
     grid = load_grid(grid_file)
@@ -187,7 +212,7 @@ def submit(
 ) -> None:
     """Validate a grid, then run what is missing as one SLURM array (or locally): training for
     untrained runs, evaluation only for trained runs with new attacks."""
-    from samat.launch import submit_grid
+    from samat.launch.submit import submit_grid
 
     grid, _ = _load_specs(grid_file)
     code = submit_grid(
@@ -243,7 +268,7 @@ def parse_attacks(texts: tuple[str, ...]) -> list[Any]:
     import yaml
 
     from samat import attacks
-    from samat.config import EvalConfig, format_validation_error
+    from samat.config import ConfigError, EvalConfig, format_validation_error
 
     entries: list[Any] = []
     for text in texts:
@@ -272,6 +297,8 @@ def parse_attacks(texts: tuple[str, ...]) -> list[Any]:
 @user_errors
 def run(target: Path, output: Path) -> None:
     """Run one run in the foreground: a run directory, or a run config YAML file."""
+    from samat.config import load_run
+    from samat.grid import RunSpec, method_label, preflight, run_id
     from samat.store import prepare
     from samat.train import execute
 
@@ -329,11 +356,14 @@ STATES = ("done", "running", "queued", "failed", "interrupted", "cancelled", "pe
 def status(path: Path, as_json: bool, states: tuple[str, ...]) -> None:
     """Per-run state of a grid's output directory (or grid file), joined with the scheduler's
     view. Exit status 1 when any run failed."""
-    from samat.launch import show_status
+    from samat.launch.status import show_status
     from samat.store import RunDir
 
     runs = None
     if path.suffix in (".yaml", ".yml"):
+        from samat.config import load_grid
+        from samat.grid import expand
+
         grid = load_grid(path)
         # grids may share an output directory: only this grid's runs
         specs = expand(grid, str(path))
@@ -425,6 +455,9 @@ def collect(
 
     runs = None
     if path.suffix in (".yaml", ".yml"):
+        from samat.config import load_grid
+        from samat.grid import expand
+
         grid = load_grid(path)
         runs = {spec.run_id: spec.label for spec in expand(grid, str(path))}
         path = Path(grid.output)

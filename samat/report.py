@@ -9,7 +9,7 @@ import io
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from rich.table import Table
 from samat.config import ConfigError, validate_method
 from samat.grid import group_id, method_label
 from samat.published import PublishedRow, PublishedTable
-from samat.store import RunDir, find_runs
+from samat.store import RunDir, RunReader, find_runs
 
 NATURAL, AVERAGE = "Natural", "Average"
 # clean accuracy on the attacked images (the first n, or n drawn), shown when it differs from the
@@ -89,24 +89,22 @@ def load_records(root: Path, runs: dict[str, str] | None = None) -> list[RunReco
         raise ConfigError(
             f"{root}: no runs found; pass the grid's output directory (see `samat plan`)"
         )
+    # each run's files read once; what does not depend on the seed computed once per config
+    reader = RunReader()
+    shared: dict[Hashable, tuple[str, dict[str, Any], str]] = {}
     records = []
     for run in found:
-        config = run.config()
-        result = run.result()
-        state = run.state()
+        view = reader.read(run)
+        config, seed, key = reader.shared_config(view)
+        if key not in shared:
+            shared[key] = (group_id(config), config.model_dump(mode="json"), method_label(config))
+        group, dumped, default_label = shared[key]
+        if dumped["seed"] != seed:
+            dumped = {**dumped, "seed": seed}
+        state, result = view.state, view.result
         status = "done" if result else state["state"]
-        label = runs[run.run_id] if runs else state.get("label") or method_label(config)
-        records.append(
-            RunRecord(
-                run,
-                label,
-                group_id(config),
-                status,
-                config.seed,
-                config.model_dump(mode="json"),
-                result,
-            )
-        )
+        label = runs[run.run_id] if runs else state.get("label") or default_label
+        records.append(RunRecord(run, label, group, status, seed, dumped, result))
     return records
 
 

@@ -4,6 +4,11 @@ Everything that can be checked is checked before anything is written. Then, unde
 directory's lock (`samat.launch.lock`), one pass selects the runs, prepares their directories,
 submits and records the job ids, so that two submits of one grid queue each run at most once.
 
+Preparing (`prepare_runs`): every run's config.yaml, eval.json and state.json in one pass, each
+written atomically (temp file + rename) without an fsync per file, then one flush of the output's
+filesystem (syncfs) before the first sbatch. For SLURM, a new run's state.json is written once,
+when its job id is recorded.
+
 Recording: each array's job ids go first into `<output>/submissions.jsonl` (one line per array,
 fsynced once), then into the runs' state.json files (not fsynced one by one); a later submit
 replays the journal into any state.json that lost its job id. SIGINT, SIGTERM and SIGHUP are
@@ -50,10 +55,13 @@ from samat.store import (
     CONFIG,
     STATE,
     RunDir,
+    RunReader,
     canonical_key,
+    change_states,
     find_runs,
     missing_records,
     prepare,
+    sync_filesystem,
 )
 
 T = TypeVar("T")
@@ -341,12 +349,7 @@ def submit_grid(
             say(console, f"nothing to submit: {_count_line(actions)}; results in {output}")
             code = 0
         else:
-            for spec in specs:
-                run = prepare(spec, sync=False)
-                if actions[spec.run_id].runs:
-                    if force:
-                        run.move_training_aside()
-                    _set_state(run, state="pending", error=None, failure=None, label=spec.label)
+            prepare_runs(specs, actions, force=force, defer=kind == "slurm")
             say(console, _count_line(actions))
             container.write_env_file(grid.container, output)
             code = _launch(grid, todo, kind, output, commands, console=console)
@@ -372,6 +375,31 @@ def _unknown_line(count: int) -> str:
     )
 
 
+def prepare_runs(
+    specs: Sequence[RunSpec], actions: dict[str, Action], *, force: bool, defer: bool = False
+) -> None:
+    """The submit's one pass over the grid's runs, before anything is queued: each run directory
+    with its config, evaluation request and state (pending, error cleared, for the runs that
+    run: one state.json write), each file written atomically (temp file + rename) without an
+    fsync of its own; then one flush of the output's filesystem (store.sync_filesystem) makes
+    them all durable before sbatch. A reader shared over the pass parses the common parts of
+    the runs' existing configs once. defer (SLURM): a new run's state.json is written once,
+    when its job id is recorded (record_submission; `_launch` writes it if sbatch fails)."""
+    reader = RunReader()
+    pending = {"state": "pending", "error": None, "failure": None}
+    for spec in specs:
+        if not actions[spec.run_id].runs:
+            prepare(spec, sync=False, reader=reader)
+        elif force:
+            run = prepare(spec, sync=False, reader=reader)
+            run.move_training_aside(sync=False)
+            _set_state(run, **pending, label=spec.label)
+        else:
+            prepare(spec, sync=False, reader=reader, new_state=not defer, **pending)
+    if specs:
+        sync_filesystem(specs[0].run_dir.parent)
+
+
 def _set_state(run: RunDir, **values: Any) -> None:
     """A state transition written without fsync (many runs in one pass): submissions.jsonl is
     the durable record of what was queued (see replay_submissions)."""
@@ -385,7 +413,8 @@ def record_submission(
     output: Path, grid_name: str, array_id: str, specs: Sequence[RunSpec], job_ids: Sequence[str]
 ) -> None:
     """Append one array to `<output>/submissions.jsonl` (fsynced: the durable record), then
-    write each run's job id into its state.json (not fsynced one by one)."""
+    write each run's job id into its state.json (in one batch, store.change_states: not fsynced
+    one by one)."""
     path = Path(output) / SUBMISSIONS
     entry = {
         "time": time.time(),
@@ -401,8 +430,11 @@ def record_submission(
         os.fsync(handle.fileno())
     if new:
         _fsync_dir(path.parent)
-    for spec, job_id in zip(specs, job_ids, strict=True):
-        _set_state(RunDir(spec.run_dir), state="pending", job_id=job_id, error=None, failure=None)
+    queued = {"state": "pending", "error": None, "failure": None}
+    change_states(
+        (RunDir(spec.run_dir), {**queued, "job_id": job_id, "label": spec.label})
+        for spec, job_id in zip(specs, job_ids, strict=True)
+    )
 
 
 def read_submissions(output: Path) -> list[dict[str, Any]]:
@@ -429,7 +461,8 @@ def replay_submissions(output: Path, specs: Sequence[RunSpec]) -> int:
             latest[run_id] = (str(job_id), float(entry.get("time", 0)))
     replayed = 0
     for spec in specs:
-        if spec.run_id not in latest or not (spec.run_dir / STATE).is_file():
+        # a new run of a submit that stopped before recording its job id has no state.json
+        if spec.run_id not in latest or not (spec.run_dir / CONFIG).is_file():
             continue
         job_id, when = latest[spec.run_id]
         run = RunDir(spec.run_dir)
@@ -490,7 +523,17 @@ def _launch(
     ]
     if kind == "local":
         return _run_local(grid, todo, tasks, output, console)
-    _submit_slurm(grid, todo, tasks, output, console)
+    try:
+        _submit_slurm(grid, todo, tasks, output, console)
+    except BaseException:
+        # the new runs that no array took: their pending state, not written before (defer)
+        pending = {"state": "pending", "error": None, "failure": None}
+        change_states(
+            (RunDir(spec.run_dir), {**pending, "label": spec.label})
+            for spec in todo
+            if not (spec.run_dir / STATE).is_file()
+        )
+        raise
     say(console, f"results: {output / 'runs'} (samat status {output}; samat collect {output})")
     return 0
 
