@@ -152,7 +152,7 @@ def preflight(specs: list[RunSpec], source: str = "grid") -> None:
     """Check what pydantic cannot (model names, attack presets, data roots) before anything runs."""
     from samat import attacks, models
 
-    known = set(models.names())
+    known = set(models.NAMES)  # torch-free
     for spec in specs:
         config = spec.config
         if config.model.name not in known:

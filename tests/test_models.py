@@ -20,7 +20,8 @@ def _create(name: str, num_classes: int, channels: int, size: int, **kwargs) -> 
     )
 
 
-def test_registry_names() -> None:
+def test_registry_names_equal_the_torch_free_list() -> None:
+    assert models.names() == list(models.NAMES)
     assert models.names() == [
         "deit_small",
         "deit_tiny",

@@ -29,6 +29,8 @@ from samat.launch.status import PlainTable, RunStatus, plain_table_lines, status
 from samat.launch.submit import Action, prepare_runs, record_submission, replay_submissions
 from samat.store import RunDir, RunReader, find_runs, prepare, training_yaml
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # never loaded by `import samat.cli` (so by `samat --help` and every other command)
 HEAVY = ("torch", "scipy", "numpy", "pydantic", "yaml", "submitit")
 
@@ -62,6 +64,24 @@ def test_help_loads_no_heavy_module_and_lists_every_command():
     assert {"data", "theory", "status", "collect", "submit"} <= set(listed)
     # the lazy commands still run
     assert CliRunner().invoke(cli, ["data", "--help"]).exit_code == 0
+
+
+def test_a_dry_run_checks_the_grid_without_torch(tmp_path):
+    """submit --dry-run validates (model names included) and prints, importing no torch."""
+    grid = ROOT / "configs" / "demo.yaml"
+    code = (
+        "import sys\n"
+        "from samat.cli import cli\n"
+        "try:\n"
+        "    cli(['submit', sys.argv[1], '--dry-run', '--executor', 'local'], prog_name='samat')\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 0\n"
+    )
+    assert "torch" not in _loaded(code, str(grid))
+    bad = tmp_path / "grid.yaml"
+    bad.write_text(grid.read_text().replace("small_cnn", "resnet9"))
+    result = CliRunner().invoke(cli, ["submit", str(bad), "--dry-run", "--executor", "local"])
+    assert result.exit_code == 2 and "unknown model 'resnet9' (model.name)" in result.output
 
 
 def test_status_and_collect_load_neither_torch_nor_scipy(tmp_path):
