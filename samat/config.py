@@ -365,6 +365,9 @@ class SlurmConfig(Strict):
     timeout_min: int = Field(default=240, ge=1)
     # At most this many of the grid's tasks run at once, over all of its arrays together.
     array_parallelism: int = Field(default=64, ge=1)
+    # Runs side by side in one array task, sharing its GPUs and splitting its CPUs (each its own
+    # process, checkpoint, requeue and result): for runs too small to fill a GPU. SLURM only.
+    runs_per_task: int = Field(default=1, ge=1)
     constraint: PlainText | None = None
     # Requeues allowed on time limit / preemption before a task counts as failed.
     max_num_timeout: int = Field(default=3, ge=0)

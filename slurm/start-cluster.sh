@@ -18,7 +18,8 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! co
 fi
 
 host=$(hostname -s)
-cpus=$(nproc)
+# every processor this machine gives us: OMP_NUM_THREADS (which GNU nproc honours) is not the node's size
+cpus=$(OMP_NUM_THREADS= OMP_THREAD_LIMIT= nproc)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
 
 mkdir -p /etc/slurm

@@ -734,3 +734,30 @@ def test_logs_prints_the_log_and_where_the_job_output_is(tmp_path: Path) -> None
     ]
     result = CliRunner().invoke(cli, ["logs", str(tmp_path)])
     assert result.exit_code == 2 and "is not a run directory" in result.output
+
+
+# -- several runs per task -------------------------------------------------------------------------
+
+
+def test_runs_per_task_packs_runs_into_fewer_tasks_that_share_a_job_id(
+    tmp_path: Path, slurm_bin
+) -> None:
+    fake_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=5, runs_per_task=2, array_parallelism=4)
+    console = recording_console()
+    assert submit_grid(grid, executor="slurm", dry_run=True, console=console) == 0
+    assert "# sbatch script 1 of 1 (3 tasks of up to 2 runs):" in console.export_text()
+    assert submit_grid(grid, executor="slurm", console=console) == 0
+    assert "submitted SLURM job 42 (array 0-2, at most 3 at a time, 2 runs per task)" in (
+        console.export_text()
+    )
+    assert "#SBATCH --array=0-2%3" in (tmp_path / "script-1.sh").read_text()
+    runs = [RunDir(spec.run_dir) for spec in expand(grid)]
+    assert [run.state().job_id for run in runs] == ["42_0", "42_0", "42_1", "42_1", "42_2"]
+    # what submitit pickled for task 1: the pack of the third and fourth runs
+    tasks = sorted((tmp_path / "out" / "submitit").glob("*/42_1_submitted.pkl"))
+    assert len(tasks) == 1
+    import cloudpickle
+
+    delayed = cloudpickle.loads(tasks[0].read_bytes())
+    assert delayed.function.run_dirs == [runs[2].path, runs[3].path]

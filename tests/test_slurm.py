@@ -419,6 +419,11 @@ def test_with_slurmctld_stopped_submit_queues_nothing_and_fails(tmp_path: Path) 
         subprocess.run(["bash", str(ROOT / "slurm" / "start-cluster.sh")], timeout=300, check=True)
         subprocess.run(["scancel", job], timeout=60)
     wait_until_ended(job)
+    # restarted from this process (OMP_NUM_THREADS=1, see conftest): the node keeps every CPU
+    cpus = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert cpus.stdout.split() == [str(len(os.sched_getaffinity(0)))]
     # nothing else was queued under the grid's name
     assert {task.split("_")[0] for task in accounted_tasks(f"samat-{name}", job)} == {job}
 
@@ -451,3 +456,58 @@ def test_a_run_on_the_cluster_equals_the_same_run_locally(
         for key in ("natural", "natural_subset", "robust"):
             assert cluster.result()[key] == local.result()[key], key
         assert [m["loss"] for m in cluster.metrics()] == [m["loss"] for m in local.metrics()]
+
+
+def test_packed_runs_share_a_task_requeue_together_and_equal_unpacked_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """slurm.runs_per_task 2: two runs in one task (2 CPUs, 1 thread each), each its own
+    process. The time-limit signal stops both at a step boundary; the requeued task resumes
+    both, and each ends bit-identical to the same run alone with 1 thread."""
+    base = copy.deepcopy(TINY_BASE)
+    base["train"]["batch_size"] = 8  # 64 steps an epoch: a signal lands mid-epoch
+    base["eval"]["attacks"] = []
+    # at least 20 s of training each (two at once on the node's 2 CPUs): the signal comes first
+    base["train"]["epochs"] = max(3, round(20 / seconds_of(base, tmp_path, "train")))
+    grid_file = write_grid(
+        tmp_path,
+        "slurm-packed",
+        base,
+        seeds=[0, 1],
+        slurm={
+            "gpus_per_node": 0,
+            "cpus_per_task": 2,
+            "runs_per_task": 2,
+            "timeout_min": 20,
+            "max_num_timeout": 3,
+        },
+    )
+    result = samat("submit", grid_file)
+    assert result.exit_code == 0, result.output
+    assert "(one task, 2 runs per task)" in result.output
+    job = submitted_job(result.output)
+    specs = expand(load_grid(grid_file))
+    runs = [RunDir(spec.run_dir) for spec in specs]
+    assert [run.state().job_id for run in runs] == [job, job]  # one task: no array index
+    deadline = time.monotonic() + WAIT_S
+    while not all(run.metrics() for run in runs):  # both are training, side by side
+        assert time.monotonic() < deadline, tasks_of(job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+    assert set(wait_until_ended(job).values()) == {"COMPLETED"}
+
+    monkeypatch.setenv("SAMAT_NUM_THREADS", "1")
+    for spec, run in zip(specs, runs, strict=True):
+        state = run.state()
+        assert state.state == "done" and state.requeues == 1 and state.job_id == job
+        log = run.file("log").read_text()
+        assert "threads 1" in log
+        stopped = re.findall(r"checkpointed at epoch (\d+) step (\d+)", log)
+        assert len(stopped) == 1 and re.findall(r"resumed from epoch (\d+) step (\d+)", log) == (
+            stopped
+        )
+        alone = prepare(dataclasses.replace(spec, run_dir=tmp_path / "alone" / spec.run_id))
+        execute(alone.path)
+        ours, theirs = weights(run), weights(alone)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -50,7 +50,7 @@ from samat.grid import RunSpec, expand, preflight
 from samat.launch import container, scheduler
 from samat.launch.lock import output_lock
 from samat.launch.status import follow, plural, result_line, say
-from samat.launch.task import RunTask
+from samat.launch.task import PackedTask, RunTask
 from samat.store import (
     CONFIG,
     STATE,
@@ -643,11 +643,18 @@ def _submit_slurm(
     before it (those runs stay queued and recorded; a later submit queues the rest).
     """
     params, python = executor_settings(grid, output)
-    chunks = plan_chunks(len(specs), scheduler.max_array_size(), grid.slurm.array_parallelism)
+    # slurm.runs_per_task: k runs (in grid order) per array task
+    k = grid.slurm.runs_per_task
+    groups = [specs[i : i + k] for i in range(0, len(specs), k)]
+    packed: list[Any] = (
+        [PackedTask(tasks[i : i + k]) for i in range(0, len(tasks), k)] if k > 1 else list(tasks)
+    )
+    chunks = plan_chunks(len(packed), scheduler.max_array_size(), grid.slurm.array_parallelism)
     queued: list[tuple[str, int]] = []
     for number, chunk in enumerate(chunks, start=1):
-        chunk_specs = specs[chunk.start : chunk.start + chunk.size]
-        chunk_tasks = tasks[chunk.start : chunk.start + chunk.size]
+        chunk_groups = groups[chunk.start : chunk.start + chunk.size]
+        chunk_specs = [spec for group in chunk_groups for spec in group]
+        chunk_tasks = packed[chunk.start : chunk.start + chunk.size]
         after = queued[chunk.after][0] if chunk.after is not None else None
         executor = SlurmExecutor(
             folder=submitit_folder(output),
@@ -662,15 +669,19 @@ def _submit_slurm(
                 why = _refusal(error, number, len(chunks), queued, len(specs))
                 raise ConfigError(why) from None
             array_id = jobs[0].job_id.split("_")[0]
-            record_submission(
-                output, grid.name, array_id, chunk_specs, [job.job_id for job in jobs]
-            )
-        queued.append((array_id, len(jobs)))
+            # the runs of a packed task share its job id
+            job_ids = [
+                job.job_id for job, group in zip(jobs, chunk_groups, strict=True) for _ in group
+            ]
+            record_submission(output, grid.name, array_id, chunk_specs, job_ids)
+        queued.append((array_id, len(chunk_specs)))
         shape = (
             f"array 0-{len(jobs) - 1}, at most {chunk.throttle} at a time"
             if len(jobs) > 1
             else "one task"
         )
+        if k > 1:
+            shape += f", {plural(k, 'run')} per task"
         wait_for = f", after job {after} has ended" if after is not None else ""
         say(console, f"submitted SLURM job {array_id} ({shape}{wait_for})")
 
@@ -760,9 +771,15 @@ def _print_dry_run(
     todo = [spec for spec in specs if actions[spec.run_id].runs]
     if kind == "slurm" and todo:
         params, python = executor_settings(grid, output)
-        chunks = plan_chunks(len(todo), scheduler.max_array_size(), grid.slurm.array_parallelism)
+        k = grid.slurm.runs_per_task
+        tasks = -(-len(todo) // k)
+        chunks = plan_chunks(tasks, scheduler.max_array_size(), grid.slurm.array_parallelism)
         for number, chunk in enumerate(chunks, start=1):
-            runs = plural(chunk.size, "run")
+            runs = (
+                plural(chunk.size, "run")
+                if k == 1
+                else (f"{plural(chunk.size, 'task')} of up to {plural(k, 'run')}")
+            )
             after = "" if chunk.after is None else f", after array {chunk.after + 1} has ended"
             say(console, f"# sbatch script {number} of {len(chunks)} ({runs}{after}):")
             # the real dependency names the earlier array's job id, known once it is queued

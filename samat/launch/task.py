@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -171,8 +172,114 @@ class RunTask(Checkpointable):
         return f"RunTask({str(self.run_dir)!r})"
 
 
-def _start(run: RunDir, argv: list[str]) -> subprocess.Popen[bytes]:
-    """Start the container's runtime; a runtime this node lacks fails the run (an
+class PackedTask(Checkpointable):
+    """Several runs side by side in one array task (`slurm.runs_per_task`), sharing its GPUs and
+    splitting its CPUs: each run is a child process of its own (`samat run RUN_DIR`, or its
+    container command) with its own checkpoint, requeue count and result.
+
+    The time-limit signal goes to every child; each stores its progress at its next step
+    boundary, then the task requeues and the next attempt starts the runs not yet complete.
+    """
+
+    def __init__(self, members: list[RunTask]) -> None:
+        self.members = members
+        self.requeued = False
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return [member.run_dir for member in self.members]
+
+    def __call__(self) -> list[dict[str, Any] | None]:
+        runs = [RunDir(member.run_dir) for member in self.members]
+        todo = [
+            (run, m) for run, m in zip(runs, self.members, strict=True) if not run.is_complete()
+        ]
+        if self.requeued:
+            for run, _ in todo:
+                run.mark_requeued()
+            self.requeued = False
+        job_id = own_job_id()
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "") or os.cpu_count() or 1)
+        env = {**os.environ, "SAMAT_NUM_THREADS": str(max(1, cpus // max(1, len(todo))))}
+        children: list[tuple[RunDir, RunTask, subprocess.Popen[bytes]]] = []
+        limit = time_limit_signal()
+        signalled = False
+
+        def stop_containers() -> None:
+            for _, member, _ in children:
+                if member.stop:
+                    with contextlib.suppress(Exception):
+                        subprocess.run(
+                            member.stop, check=False, timeout=STOP_TIMEOUT_S, capture_output=True
+                        )
+
+        def forward(signum: int, frame: types.FrameType | None) -> None:
+            nonlocal signalled
+            signalled = True
+            for _, _, child in children:
+                if child.poll() is None:
+                    with contextlib.suppress(OSError):
+                        child.send_signal(signum)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                stop_containers()
+            if signum == limit:
+                deadline = CHILD_GRACE_S
+                for _, _, child in children:
+                    try:
+                        child.wait(deadline)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+            _call(handlers[signum], signum, frame)
+
+        signals = (signal.SIGTERM, signal.SIGINT, limit)
+        handlers = {sig: signal.signal(sig, forward) for sig in signals}
+        codes: list[int | None] = []
+        try:
+            for run, member in todo:
+                if job_id is not None:
+                    run.mark_submitted(job_id)
+                if member.container is not None:
+                    argv = container.bind_job_gpus(member.container, os.environ)
+                else:
+                    argv = [sys.executable, "-m", "samat", "run", str(member.run_dir)]
+                children.append((run, member, _start(run, argv, env=env)))
+            for _, _, child in children:
+                code = None
+                while code is None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        code = child.wait(timeout=3600)
+                codes.append(code)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            for _, _, child in children:
+                if child.poll() is None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(CHILD_EXIT_S if signalled else 0)
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        failed = [run for (run, _, _), code in zip(children, codes, strict=False) if code != 0]
+        if failed:
+            names = ", ".join(run.run_id for run in failed)
+            raise RuntimeError(
+                f"{len(failed)} of {len(children)} packed runs failed ({names}); see their logs"
+            )
+        return [run.result() for run in runs]
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """Resubmit the pack; each run resumes from its own checkpoint."""
+        self.requeued = True
+        return DelayedSubmission(self, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"PackedTask({[str(d) for d in self.run_dirs]!r})"
+
+
+def _start(
+    run: RunDir, argv: list[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the container's runtime (or samat); a runtime this node lacks fails the run (an
     infrastructure failure: another node may have it), with the reason in state.json."""
     host = socket.gethostname()
     reason = None
@@ -180,7 +287,7 @@ def _start(run: RunDir, argv: list[str]) -> subprocess.Popen[bytes]:
         reason = f"container runtime {argv[0]!r} not found on {host}"
     else:
         try:
-            return subprocess.Popen(argv)
+            return subprocess.Popen(argv, env=env)
         except OSError as error:
             reason = f"container runtime {argv[0]!r} did not start on {host} ({error.strerror})"
     message = f"{reason}; install it on the compute nodes or set container.executable"
