@@ -25,7 +25,7 @@ import torch
 import samat
 from benchmarks.figures import Figure, Printer, table, write_json
 
-SECTIONS = ("methods", "loader", "autoattack", "scale", "cuda")
+SECTIONS = ("methods", "loader", "autoattack", "scale", "cluster", "cuda")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -178,10 +178,20 @@ def scale_section(
     return result, scale.figures(result)
 
 
+def cluster_section(
+    args: argparse.Namespace, device: torch.device, printer: Printer
+) -> tuple[dict, list[Figure]]:
+    """Section 6: the demo grid on SLURM vs local, and packed tasks (runs_per_task 4 vs 1)."""
+    from benchmarks import cluster
+
+    result = cluster.run(printer, quick=args.quick)
+    return result, cluster.figures(result)
+
+
 def cuda_section(
     args: argparse.Namespace, device: torch.device, printer: Printer
 ) -> tuple[dict, list[Figure]]:
-    """Section 6: epoch throughput per variant, then the method ratios under bf16 + cl."""
+    """Section 7: epoch throughput per variant, then the method ratios under bf16 + cl."""
     from benchmarks import epoch, step_cost
 
     setup = epoch.EpochSetup(
@@ -217,6 +227,7 @@ SECTION_WORK: dict[str, Section] = {
     "loader": loader_section,
     "autoattack": autoattack_section,
     "scale": scale_section,
+    "cluster": cluster_section,
     "cuda": cuda_section,
 }
 

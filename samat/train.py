@@ -95,6 +95,8 @@ def _set_determinism(config: RunConfig) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     else:
+        # a process that ran a deterministic run before (tests, a notebook) must not keep it on
+        torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 

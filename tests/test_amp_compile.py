@@ -184,3 +184,18 @@ def test_compiled_training_runs_and_checkpoints_the_plain_module(
         if key.startswith("model."):
             assert torch.allclose(tensors[key], eager[key], atol=1e-4), key
     assert result["natural"] == pytest.approx(plain.result()["natural"], abs=0.05)
+
+
+@pytest.mark.slow
+def test_compiled_training_with_the_default_backend(tmp_path) -> None:
+    """Once with inductor itself (what a GPU run gets; C++ on the CPU, about a minute here)."""
+    torch._dynamo.reset()
+    overrides = {"data": {"train_size": 64}}
+    run = make_run(tmp_path / "compiled", train={"compile": True, "epochs": 1}, **overrides)
+    execute(run.path)
+    plain = make_run(tmp_path / "plain", train={"epochs": 1}, **copy.deepcopy(overrides))
+    execute(plain.path)
+    ours, theirs = _weights(run), _weights(plain)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-4) for k in ours)
+    torch._dynamo.reset()

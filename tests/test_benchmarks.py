@@ -149,3 +149,22 @@ def test_gpu_check_cpu_path_passes(tmp_path):
     assert "RESULT: PASS" in text
     assert "PASS  final model tensors bit for bit" in text
     assert "FAIL" not in text
+
+
+def test_cluster_figures_compare_slurm_with_local_and_packing():
+    from benchmarks import cluster
+
+    measured = {
+        "demo": {"local_s": 100.0, "slurm_s": 160.0, "equal_numbers": True},
+        "packing": {"k1_runs_per_minute": 4.0, "k4_runs_per_minute": 6.0},
+    }
+    ratio, equal, packing = cluster.figures(measured)
+    assert (ratio.value, ratio.text, ratio.ok) == (1.6, "1.60x", False)  # target <= 1.5
+    assert equal.ok is True and equal.text == "equal"
+    assert (packing.value, packing.text, packing.ok) == (1.5, "1.50x", None)  # no target
+    measured["demo"].update(slurm_s=140.0, equal_numbers=False)
+    ratio, equal, _ = cluster.figures(measured)
+    assert ratio.ok is True and equal.ok is False and equal.text == "DIFFER"
+    assert [f.text for f in cluster.figures({"skipped": "no SLURM cluster"})] == [
+        "skipped: no SLURM cluster"
+    ]

@@ -110,58 +110,7 @@ class RunTask(Checkpointable):
         # the argv was built on the submitting node: give the container this job's own GPUs
         argv = container.bind_job_gpus(argv, os.environ)
         child = _start(run, argv)
-        limit = time_limit_signal()
-        stopped = signalled = False
-
-        def stop_container() -> None:
-            nonlocal stopped
-            if not self.stop or stopped:
-                return
-            stopped = True
-            # a failing (missing, hanging, refusing) stop command must not escape the handler
-            try:
-                subprocess.run(self.stop, check=False, timeout=STOP_TIMEOUT_S, capture_output=True)
-            except Exception as error:  # logged: the run ends either way
-                log.warning("could not stop the container (%s): %s", self.stop[0], error)
-
-        def forward(signum: int, frame: types.FrameType | None) -> None:
-            nonlocal signalled
-            signalled = True
-            if child.poll() is None:
-                with contextlib.suppress(OSError):
-                    child.send_signal(signum)
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                # scancel, a local run's Ctrl-C or cancel: the container goes with the run
-                stop_container()
-            if signum == limit:
-                try:
-                    child.wait(CHILD_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-            # then submitit's own handler: checkpoint() and `scontrol requeue` on the time limit;
-            # KeyboardInterrupt on SIGINT
-            _call(handlers[signum], signum, frame)
-
-        signals = (signal.SIGTERM, signal.SIGINT, limit)
-        handlers = {sig: signal.signal(sig, forward) for sig in signals}
-        try:
-            # with a timeout, wait() polls from Python: a signal that reached another thread is
-            # then handled at once rather than when the child happens to exit
-            code = None
-            while code is None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    code = child.wait(timeout=3600)
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            if child.poll() is None:
-                # a signalled child gets a moment to store its progress before it is killed
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.wait(CHILD_EXIT_S if signalled else 0)
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-                stop_container()
+        (code,) = _supervise([child], _stopper([self.stop]))
         if code != 0:
             raise RuntimeError(
                 f"container command exited with status {code}; see {run.file(LOG)} and the job log"
@@ -201,39 +150,8 @@ class PackedTask(Checkpointable):
         job_id = own_job_id()
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "") or os.cpu_count() or 1)
         env = {**os.environ, "SAMAT_NUM_THREADS": str(max(1, cpus // max(1, len(todo))))}
-        children: list[tuple[RunDir, RunTask, subprocess.Popen[bytes]]] = []
-        limit = time_limit_signal()
-        signalled = False
-
-        def stop_containers() -> None:
-            for _, member, _ in children:
-                if member.stop:
-                    with contextlib.suppress(Exception):
-                        subprocess.run(
-                            member.stop, check=False, timeout=STOP_TIMEOUT_S, capture_output=True
-                        )
-
-        def forward(signum: int, frame: types.FrameType | None) -> None:
-            nonlocal signalled
-            signalled = True
-            for _, _, child in children:
-                if child.poll() is None:
-                    with contextlib.suppress(OSError):
-                        child.send_signal(signum)
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                stop_containers()
-            if signum == limit:
-                deadline = CHILD_GRACE_S
-                for _, _, child in children:
-                    try:
-                        child.wait(deadline)
-                    except subprocess.TimeoutExpired:
-                        child.kill()
-            _call(handlers[signum], signum, frame)
-
-        signals = (signal.SIGTERM, signal.SIGINT, limit)
-        handlers = {sig: signal.signal(sig, forward) for sig in signals}
-        codes: list[int | None] = []
+        children: list[tuple[RunDir, subprocess.Popen[bytes]]] = []
+        stop = _stopper([member.stop for _, member in todo])
         try:
             for run, member in todo:
                 if job_id is not None:
@@ -242,24 +160,15 @@ class PackedTask(Checkpointable):
                     argv = container.bind_job_gpus(member.container, os.environ)
                 else:
                     argv = [sys.executable, "-m", "samat", "run", str(member.run_dir)]
-                children.append((run, member, _start(run, argv, env=env)))
-            for _, _, child in children:
-                code = None
-                while code is None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        code = child.wait(timeout=3600)
-                codes.append(code)
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            for _, _, child in children:
-                if child.poll() is None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        child.wait(CHILD_EXIT_S if signalled else 0)
-                if child.poll() is None:
-                    child.kill()
-                    child.wait()
-        failed = [run for (run, _, _), code in zip(children, codes, strict=False) if code != 0]
+                children.append((run, _start(run, argv, env=env)))
+        except BaseException:
+            for _, child in children:  # a run that could not start: the others do not run alone
+                child.kill()
+                child.wait()
+            stop()
+            raise
+        codes = _supervise([child for _, child in children], stop)
+        failed = [run for (run, _), code in zip(children, codes, strict=True) if code != 0]
         if failed:
             names = ", ".join(run.run_id for run in failed)
             raise RuntimeError(
@@ -274,6 +183,84 @@ class PackedTask(Checkpointable):
 
     def __repr__(self) -> str:
         return f"PackedTask({[str(d) for d in self.run_dirs]!r})"
+
+
+def _stopper(commands: list[list[str] | None]) -> Callable[[], None]:
+    """A function that runs each docker/podman stop command once; a failing (missing, hanging,
+    refusing) one is logged and never escapes, since it runs inside a signal handler."""
+    done = False
+
+    def stop() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        for command in commands:
+            if not command:
+                continue
+            try:
+                subprocess.run(command, check=False, timeout=STOP_TIMEOUT_S, capture_output=True)
+            except Exception as error:  # logged: the run ends either way
+                log.warning("could not stop the container (%s): %s", command[0], error)
+
+    return stop
+
+
+def _supervise(children: list[subprocess.Popen[bytes]], stop: Callable[[], None]) -> list[int]:
+    """Wait for the children and return their exit statuses, in order.
+
+    SIGTERM, SIGINT and the time-limit signal go on to every child that still runs. SIGTERM and
+    SIGINT (scancel, Ctrl-C, `samat cancel`) also stop the containers, which docker/podman run
+    outside the job's processes. On the time-limit signal each child gets CHILD_GRACE_S to store
+    its progress and exit. Then submitit's own handler runs: checkpoint() and `scontrol requeue`
+    on the time limit, KeyboardInterrupt on SIGINT. A child still running when this returns or
+    raises is killed, and the containers stopped.
+    """
+    limit = time_limit_signal()
+    signalled = False
+
+    def forward(signum: int, frame: types.FrameType | None) -> None:
+        nonlocal signalled
+        signalled = True
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(OSError):
+                    child.send_signal(signum)
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stop()
+        if signum == limit:
+            for child in children:
+                try:
+                    child.wait(CHILD_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        _call(handlers[signum], signum, frame)
+
+    signals = (signal.SIGTERM, signal.SIGINT, limit)
+    handlers = {sig: signal.signal(sig, forward) for sig in signals}
+    codes = []
+    try:
+        for child in children:
+            # with a timeout, wait() polls from Python: a signal that reached another thread is
+            # then handled at once rather than when the child happens to exit
+            code = None
+            while code is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = child.wait(timeout=3600)
+            codes.append(code)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for child in children:
+            if child.poll() is None:
+                # a signalled child gets a moment to store its progress before it is killed
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(CHILD_EXIT_S if signalled else 0)
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+                stop()
+    return codes
 
 
 def _start(

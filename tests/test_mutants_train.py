@@ -1,0 +1,476 @@
+"""Guards for samat.train found by mutation testing (docs/mutation.md): each test fails on a
+change that the other tests let through, and says which."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import samat.train
+from samat.attacks import canonical, label
+from samat.config import AttackSpec, ConfigError, OptimizerConfig, ScheduleConfig, validate_run
+from samat.data import DeviceLoader, Split
+from samat.evaluate import Interrupted, StopFlag
+from samat.grid import RunSpec, run_id
+from samat.methods import create
+from samat.store import CHECKPOINT, CHECKPOINT_BEST, prepare, read_checkpoint
+from samat.train import (
+    Position,
+    TrainingError,
+    _method_state,
+    _nan_guard,
+    _restore_method,
+    _result,
+    _resume,
+    _save,
+    _select_checkpoint,
+    _set_determinism,
+    _validate,
+    accuracy,
+    checkpoint_tensors,
+    execute,
+    lr_factor,
+    make_optimizer,
+    restore_checkpoint,
+    slurm_job_id,
+    thread_count,
+    validation_attack,
+)
+from tests.conftest import TINY_BASE
+
+
+def run_config(**changes: object):
+    data = copy.deepcopy(TINY_BASE)
+    data.update(changes)
+    return validate_run(data)
+
+
+# -- lr schedule ----------------------------------------------------------------------------------
+
+
+def test_multistep_drops_by_gamma_at_each_milestone_fraction() -> None:
+    schedule = ScheduleConfig(name="multistep", milestones=[0.5, 0.8], gamma=0.2)
+    factors = [lr_factor(schedule, epoch, 10) for epoch in range(10)]
+    assert factors == pytest.approx([1] * 5 + [0.2] * 3 + [0.04] * 2)
+
+
+def test_cosine_and_constant_schedules() -> None:
+    cosine = ScheduleConfig(name="cosine")
+    for epoch in range(8):
+        expected = 0.5 * (1 + math.cos(math.pi * epoch / 8))
+        assert lr_factor(cosine, epoch, 8) == pytest.approx(expected)
+    constant = ScheduleConfig(name="constant")
+    assert [lr_factor(constant, e, 8) for e in range(8)] == [1.0] * 8
+
+
+def test_warmup_ramps_then_hands_over_to_the_schedule() -> None:
+    schedule = ScheduleConfig(name="constant", warmup_epochs=2)
+    assert [lr_factor(schedule, e, 10) for e in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
+    # the first epoch after the warm-up is the schedule's own, not the end of the ramp
+    cosine = ScheduleConfig(name="cosine", warmup_epochs=2)
+    assert lr_factor(cosine, 2, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 10)))
+
+
+# -- optimizer ------------------------------------------------------------------------------------
+
+
+def test_sgd_step_with_momentum_weight_decay_and_nesterov_by_hand() -> None:
+    """Kills: weight decay, momentum or nesterov not reaching SGD (two steps tell them apart)."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    config = OptimizerConfig(name="sgd", lr=0.1, momentum=0.5, weight_decay=0.2, nesterov=True)
+    optimizer = make_optimizer(config, model)
+    w, buf = 1.0, 0.0
+    for _ in range(2):
+        model.weight.grad = torch.full_like(model.weight, 0.3)
+        optimizer.step()
+        d = 0.3 + 0.2 * w  # gradient plus weight decay
+        buf = 0.5 * buf + d if buf else d
+        w -= 0.1 * (d + 0.5 * buf)  # nesterov
+    assert model.weight.item() == pytest.approx(w)
+
+
+def test_adam_gets_its_lr_and_weight_decay() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    optimizer = make_optimizer(OptimizerConfig(name="adam", lr=0.01, weight_decay=0.5), model)
+    assert isinstance(optimizer, torch.optim.Adam)
+    model.weight.grad = torch.zeros_like(model.weight)
+    optimizer.step()
+    # the first Adam step moves by lr * sign(g + wd * w) whatever the size of g + wd * w
+    assert model.weight.item() == pytest.approx(1.0 - 0.01)
+
+
+# -- threads and determinism ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("samat", "slurm", "expected"),
+    [("3", "5", 3), ("", "5", 5), ("0", "4", 4), ("x", "", 0), ("", "", 0), ("-2", "2", 2)],
+)
+def test_thread_count_reads_samat_then_slurm(monkeypatch, samat, slurm, expected) -> None:
+    monkeypatch.setenv("SAMAT_NUM_THREADS", samat)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", slurm)
+    assert thread_count() == expected
+
+
+def test_thread_count_without_either_variable_is_torchs_default(monkeypatch) -> None:
+    monkeypatch.delenv("SAMAT_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert thread_count() == 0
+    threads = torch.get_num_threads()
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    try:
+        torch.set_num_threads(3)
+        _set_determinism(run_config())  # 0: leaves torch's thread count alone
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("SAMAT_NUM_THREADS", "1")
+        _set_determinism(run_config())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.benchmark = flags[1]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_set_determinism_seeds_and_sets_the_flags(monkeypatch, deterministic: bool) -> None:
+    monkeypatch.setenv("SAMAT_NUM_THREADS", "2")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    train = {**TINY_BASE["train"], "deterministic": deterministic}
+    config = run_config(seed=11, train=train)
+    threads = torch.get_num_threads()
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    try:
+        # from the opposite settings: a process whose earlier run was deterministic turns it off
+        torch.use_deterministic_algorithms(not deterministic)
+        torch.backends.cudnn.benchmark = deterministic
+        _set_determinism(config)
+        assert torch.get_num_threads() == 2
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert torch.backends.cudnn.benchmark is not deterministic
+        assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is deterministic
+        drawn = torch.rand(3)
+        torch.manual_seed(11)
+        assert torch.equal(drawn, torch.rand(3))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.benchmark = flags[1]
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_keeps_tensor_and_scalar_optimizer_state() -> None:
+    """Kills: the non-tensor optimizer slots (metadata "optim_scalars") lost on restore."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.weight.grad = torch.ones_like(model.weight)
+    model.bias.grad = torch.ones_like(model.bias)
+    optimizer.step()
+    optimizer.state[model.weight]["count"] = 3  # a Python scalar, as some optimizers keep
+    frozen = nn.Parameter(torch.zeros(1))  # no gradient, so no tensor state: scalars only
+    optimizer.add_param_group({"params": [frozen]})
+    optimizer.state[frozen]["count"] = 5
+    tensors, meta = checkpoint_tensors(model, optimizer)
+    assert meta["optim_scalars"] == {"0": {"count": 3}, "2": {"count": 5}}
+
+    fresh = nn.Linear(2, 1)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.9)
+    fresh_frozen = nn.Parameter(torch.zeros(1))
+    fresh_optimizer.add_param_group({"params": [fresh_frozen]})
+    restore_checkpoint(tensors, meta, fresh, fresh_optimizer)
+    assert fresh_optimizer.state[fresh_frozen] == {"count": 5}
+    assert torch.equal(fresh.weight, model.weight)
+    state = fresh_optimizer.state[fresh.weight]
+    assert state["count"] == 3
+    assert torch.equal(state["momentum_buffer"], torch.ones_like(model.weight))
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_method_state_is_prefixed_and_restored() -> None:
+    model = nn.Linear(2, 2)
+    method = create(
+        validate_run({**copy.deepcopy(TINY_BASE), "method": {"name": "looksam", "k": 2}}).method,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+    images, labels = torch.rand(4, 2), torch.tensor([0, 1, 0, 1])
+    method.step(model, images, labels)
+    state = _method_state(method)
+    assert set(state) == {"method.step", "method.g_v.0", "method.g_v.1"}
+    other = create(
+        validate_run({**copy.deepcopy(TINY_BASE), "method": {"name": "looksam", "k": 2}}).method,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+    _restore_method(other, {**state, "model.weight": torch.zeros(1)})
+    assert other.steps == 1 and set(other.stored) == {0, 1}
+    assert all(torch.equal(other.stored[i], method.stored[i]) for i in (0, 1))
+    # a method without state ignores the prefix-free rest
+    standard = create(run_config().method, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert _method_state(standard) == {}
+    _restore_method(standard, {"model.weight": torch.zeros(1)})
+
+
+# -- epochs, accuracy, NaN guard ------------------------------------------------------------------
+
+
+def test_accuracy_is_the_fraction_correct() -> None:
+    split = Split(
+        torch.zeros(5, 1, 1, 1, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 1], dtype=torch.int64)
+    )
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))  # always class 0
+    assert accuracy(model, DeviceLoader(split, 2, device="cpu", shuffle=False)) == 0.6
+
+
+def test_nan_guard_names_the_epoch_and_step() -> None:
+    _nan_guard(torch.tensor(-1), 0)
+    with pytest.raises(TrainingError, match=r"at epoch 3 step 5; lower train\.optimizer\.lr"):
+        _nan_guard(torch.tensor(4), 2)
+    with pytest.raises(TrainingError, match="at epoch 1 step 1;"):
+        _nan_guard(torch.tensor(0), 0)
+
+
+# -- validation attack ----------------------------------------------------------------------------
+
+
+def test_adversarial_training_validates_with_pgd_10_at_its_budget() -> None:
+    method = {"name": "pgd_at", "norm": "l2", "eps": 0.5, "steps": 3}
+    spec = validation_attack(run_config(method=method))
+    assert canonical(spec) == canonical(AttackSpec(attack="pgd", norm="l2", eps=0.5, steps=10))
+    assert label(spec) == "PGD-10 l2 0.5"
+
+
+def test_a_chosen_validation_attack_wins_and_plain_methods_get_none() -> None:
+    train = {**TINY_BASE["train"], "validation": {"size": 10, "attack": "fgsm_linf_1"}}
+    chosen = validation_attack(run_config(method={"name": "pgd_at", "eps": 0.1}, train=train))
+    assert chosen is not None and chosen.attack == "fgsm"
+    assert validation_attack(run_config(method={"name": "sam"})) is None
+
+
+# -- SLURM job id ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "15"}, "12_3"),
+        ({"SLURM_ARRAY_JOB_ID": "12", "SLURM_JOB_ID": "15"}, "15"),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "15"}, "15"),
+        ({"SLURM_JOB_ID": "15"}, "15"),
+        ({"SLURM_JOB_ID": ""}, None),
+        ({}, None),
+    ],
+)
+def test_slurm_job_id(monkeypatch, env: dict[str, str], expected: str | None) -> None:
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert slurm_job_id() == expected
+
+
+def test_a_mid_epoch_checkpoint_resumes_at_its_step(tmp_path) -> None:
+    """Kills: the step of a mid-epoch checkpoint not written under "step" (the resumed run
+    would replay the epoch from its first batch)."""
+    config = run_config()
+    rid = run_id(config)
+    run = prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = create(config.method, optimizer)
+    partial = {"loss": 1.5, "correct": 3, "seen": 6, "seconds": 0.5}
+    _save(run, config, model, optimizer, method, Position(epoch=1, step=3, partial=partial))
+    position = _resume(run, config, model, optimizer, method)
+    assert (position.epoch, position.step, position.partial) == (1, 3, partial)
+
+
+def _validation_setup(tmp_path, epochs: int = 3, every: int = 2):
+    train = {**TINY_BASE["train"], "epochs": epochs, "validation": {"size": 6, "every": every}}
+    config = run_config(method={"name": "pgd_at", "eps": 0.1, "steps": 2}, train=train)
+    rid = run_id(config)
+    run = prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
+    labels = torch.tensor([0, 1, 0, 2, 1, 1])
+    images = torch.arange(24, dtype=torch.uint8).view(6, 1, 2, 2)
+    dataset = SimpleNamespace(validation=Split(images, labels), num_classes=3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))  # always class 0, attack or not
+    return run, config, dataset, model
+
+
+def test_validation_runs_every_n_epochs_and_at_the_last(tmp_path) -> None:
+    """Kills: the last-epoch exception to `every` inverted; the robust column (PGD at the AT
+    budget) not computed on the held-out images."""
+    run, config, dataset, model = _validation_setup(tmp_path)
+    assert _validate(run, config, dataset, model, Position(epoch=1)) == {}
+    position = Position(epoch=3)
+    out = _validate(run, config, dataset, model, position)
+    assert out == {"val_accuracy": pytest.approx(2 / 6), "val_robust": pytest.approx(2 / 6)}
+    assert position.best == {"epoch": 3, "score": pytest.approx(2 / 6)}
+    assert read_checkpoint(run.file(CHECKPOINT_BEST))[1]["epoch"] == 3
+    assert run.state().catastrophic_overfitting_epoch is None
+
+
+def test_a_robust_accuracy_collapse_is_recorded_once_and_keeps_the_best(tmp_path, caplog) -> None:
+    run, config, dataset, model = _validation_setup(tmp_path, every=1)
+    position = Position(epoch=2, best={"epoch": 1, "score": 0.9})
+    with caplog.at_level(logging.WARNING, logger="samat.train"):
+        _validate(run, config, dataset, model, position)  # 2/6 < 0.5 * 0.9
+    assert caplog.messages == [
+        "validation robust accuracy collapsed at epoch 2 (0.3333, best 0.9000): "
+        "catastrophic overfitting"
+    ]
+    assert run.state().catastrophic_overfitting_epoch == 2
+    assert position.best == {"epoch": 1, "score": 0.9}
+    assert not run.file(CHECKPOINT_BEST).exists()
+    position.epoch = 3
+    _validate(run, config, dataset, model, position)
+    assert run.state().catastrophic_overfitting_epoch == 2
+
+
+def test_the_best_epoch_is_chosen_by_robust_accuracy(tmp_path, monkeypatch) -> None:
+    """Kills: the clean accuracy taken as the score where a robust one exists."""
+    run, config, dataset, model = _validation_setup(tmp_path)
+    monkeypatch.setattr(samat.train.attacks, "evaluate", lambda *a, **k: {"PGD-10 linf 0.1": 0.25})
+    position = Position(epoch=3)
+    out = _validate(run, config, dataset, model, position)
+    assert out["val_robust"] == 0.25 and position.best == {"epoch": 3, "score": 0.25}
+
+
+def test_best_checkpoint_selection(tmp_path, caplog) -> None:
+    run, config, dataset, model = _validation_setup(tmp_path)
+    best = run_config(
+        method=config.method.model_dump(),
+        train=config.train.model_dump(),
+        eval={**TINY_BASE["eval"], "checkpoint": "best"},
+    )
+    with pytest.raises(ConfigError) as error:
+        _select_checkpoint(run, best, model)
+    assert str(error.value) == (
+        f"{run.file(CHECKPOINT_BEST)} is missing: eval.checkpoint 'best' needs "
+        "train.validation.size > 0 and keep 'best' when the run trains"
+    )
+    _validate(run, config, dataset, model, Position(epoch=3))  # writes checkpoint-best
+    with torch.no_grad():
+        model[1].bias.fill_(7.0)
+    with caplog.at_level(logging.INFO, logger="samat.train"):
+        assert _select_checkpoint(run, best, model) == "best"
+    assert caplog.messages == ["evaluating the validation-best weights of epoch 3"]
+    assert model[1].bias.tolist() == [1.0, 0.0, 0.0]
+    assert _select_checkpoint(run, config, model) == "last"
+
+
+def test_result_json_fields(tmp_path) -> None:
+    """Kills: renamed or miscounted fields of result.json."""
+    config = run_config(method={"name": "sam", "rho": 0.1})
+    rid = run_id(config)
+    run = prepare(RunSpec(rid, config, "SAM", tmp_path / rid))
+    records = {
+        "natural": {"key": "k0", "accuracy": 0.9, "total": 64, "seconds": 1.0},
+        "natural_subset": {"key": "k1", "accuracy": 0.8, "total": 32, "seconds": 0.5},
+        "FGSM": {"key": "k2", "accuracy": 0.4, "total": 32, "seconds": 2.0},
+    }
+    totals = {"train_seconds": 10.0, "images": 1000, "steps": 20}
+    method = create(config.method, torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))
+    result = _result(run, config, records, totals, method, "last", torch.device("cpu"))
+    expected = {
+        "run_id": rid,
+        "seed": 0,
+        "method": "sam",
+        "natural": 0.9,
+        "natural_subset": 0.8,
+        "robust": {"FGSM": 0.4},
+        "average_robust": 0.4,
+        "robust_examples": 32,
+        "checkpoint": "last",
+        "checkpoint_epoch": 2,
+        "catastrophic_overfitting_epoch": None,
+        "train_seconds": 10.0,
+        "eval_seconds": 3.5,
+        "images_per_second": 100.0,
+        "forward_backward_passes": 40,
+        "passes_per_step": 2,
+        "epochs": 2,
+        "device": "cpu",
+        "records": {"natural": "k0", "natural_subset": "k1", "FGSM": "k2"},
+        "request": run.request_key(),
+    }
+    assert {k: result[k] for k in expected} == expected
+    assert run.result() == result
+
+
+def _one_epoch_run(tmp_path):
+    data = copy.deepcopy(TINY_BASE)
+    data["data"] = {**data["data"], "train_size": 96, "test_size": 16}
+    data["train"]["epochs"] = 1
+    data["eval"]["attacks"] = []
+    config = validate_run(data)
+    rid = run_id(config)
+    return prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
+
+
+def _wrapped_create(monkeypatch, on_step):
+    """methods.create, with `on_step(number, labels)` called before each training step."""
+    real_create = samat.train.methods.create
+
+    def create_(*args, **kwargs):
+        method = real_create(*args, **kwargs)
+        step, calls = method.step, []
+
+        def counted(model, images, labels):
+            calls.append(1)
+            on_step(len(calls), labels)
+            return step(model, images, labels)
+
+        method.step = counted
+        return method
+
+    monkeypatch.setattr(samat.train.methods, "create", create_)
+
+
+def test_a_stop_mid_epoch_resumes_at_the_next_batch(tmp_path, monkeypatch) -> None:
+    """Kills: an unset stop flag taken as a stop; a resumed epoch counting its steps from 0 (a
+    second stop in it would store the wrong step) or replaying batches it had trained on."""
+    straight = _one_epoch_run(tmp_path / "a")
+    execute(straight.path, stop=StopFlag())  # a flag that is never set changes nothing
+    run = _one_epoch_run(tmp_path / "b")
+    for expected_step in (1, 2):  # stopped during the first step of each attempt
+        stop = StopFlag()
+        _wrapped_create(monkeypatch, lambda n, _, s=stop: s.set(15) if n == 1 else None)
+        with pytest.raises(Interrupted):
+            execute(run.path, stop=stop)
+        assert read_checkpoint(run.file(CHECKPOINT))[1]["step"] == expected_step
+    monkeypatch.undo()
+    execute(run.path)
+    a, b = (read_checkpoint(r.file(CHECKPOINT))[0] for r in (straight, run))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
+    assert run.metrics()[0]["train_accuracy"] == straight.metrics()[0]["train_accuracy"]
+
+
+def test_each_epoch_gets_its_own_batch_order(tmp_path, monkeypatch) -> None:
+    """Kills: the loader asked for another epoch number than the one being trained."""
+    run = _one_epoch_run(tmp_path)
+    config = run.config()
+    twice = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
+    run = prepare(RunSpec(run_id(twice), twice, "SGD", tmp_path / "two"))
+    seen: list[list[int]] = []
+    _wrapped_create(monkeypatch, lambda n, labels: seen.append(labels.tolist()))
+    execute(run.path)
+    assert len(seen) == 6  # 96 images in batches of 32, two epochs
+    assert seen[:3] != seen[3:]
+    first, second = ([x for batch in epoch for x in batch] for epoch in (seen[:3], seen[3:]))
+    assert sorted(first) == sorted(second)  # the same images, in another order
