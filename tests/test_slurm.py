@@ -294,7 +294,7 @@ def accounted_tasks(name: str, *jobs: str) -> list[str]:
         return parse_sacct(done.stdout)
 
     ids = {task.split("_")[0] for task in sacct(f"--name={name}")} | set(jobs)
-    return sorted(sacct("-j", ",".join(sorted(ids))))
+    return sorted(sacct("-j", ",".join(sorted(ids)))) if ids else []
 
 
 def test_two_concurrent_submits_queue_each_run_once_on_the_cluster(tmp_path: Path) -> None:
@@ -511,3 +511,28 @@ def test_packed_runs_share_a_task_requeue_together_and_equal_unpacked_runs(
         ours, theirs = weights(run), weights(alone)
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_newline_in_the_account_is_a_config_error_and_nothing_reaches_the_cluster(
+    tmp_path: Path,
+) -> None:
+    name = f"slurm-newline-{time.time_ns()}"
+    grid_file = write_grid(
+        tmp_path,
+        name,
+        ARRAY_BASE,
+        slurm={"gpus_per_node": 0, "cpus_per_task": 1, "account": "proj\ntouch pwned #"},
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "samat", "submit", str(grid_file)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "slurm.account" in lines[0] and "Traceback" not in lines[0], lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
+    time.sleep(2)  # accounting lags: a job would be there by now
+    assert jobs_named(f"samat-{name}") == [] and accounted_tasks(f"samat-{name}") == []
