@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,6 +19,9 @@ from samat import datacheck
 from samat.config import ConfigError, DataConfig
 from samat.data import TINY_CACHE, load_dataset
 from samat.datacheck import CORRUPTIONS, check, data, dataset_dir, report
+from samat.segmentation.data import load_stanford_background, load_voc2012
+from samat.segmentation.generate import generate_stanford, generate_voc
+from samat.text.data import generate_rotten_tomatoes, load_rotten_tomatoes
 
 CIFAR = {
     # name -> (folder, training files, test file, label key, classes)
@@ -431,3 +435,304 @@ def test_download_of_complete_cifar_c_says_so(tmp_path: Path) -> None:
     make_corruptions(tmp_path, "CIFAR-100-C", classes=100)
     result = run("download", "cifar100c", tmp_path)
     assert result.exit_code == 0 and result.output.endswith("; nothing to download\n")
+
+
+# --- check: Stanford Background, VOC2012, Rotten Tomatoes ----------------------------------------
+
+
+def test_stanford_complete_agrees_with_the_loader(tmp_path: Path) -> None:
+    base = generate_stanford(tmp_path, n_images=5, size=16, seed=0)
+    summary = "4 train and 1 test images (the fixed split of 5), 8 classes"
+    result = run("check", "stanford_background", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"complete: stanford_background in {base}: {summary}\n"
+    assert report("stanford_background", base) == report("stanford_background", tmp_path)
+    loaded = load_stanford_background(tmp_path, size=16)
+    assert (len(loaded.train.images), len(loaded.test.images)) == (4, 1)
+
+
+def test_stanford_missing_and_empty_labels_are_named(tmp_path: Path) -> None:
+    base = generate_stanford(tmp_path, n_images=3, size=16, seed=0)
+    labels = base / "labels"
+    (labels / "0002000.regions.txt").unlink()
+    (labels / "0003000.regions.txt").write_bytes(b"")  # an interrupted extraction
+    # The geometric labels are not what samat reads: one of them missing does not matter.
+    (labels / "0001000.surfaces.txt").unlink()
+    assert check("stanford_background", tmp_path) == [
+        f"{labels / '0002000.regions.txt'}: missing",
+        f"{labels / '0003000.regions.txt'}: empty (0 bytes); re-extract it",
+    ]
+    result = run("check", "stanford_background", base)  # ROOT the extracted folder itself
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"incomplete: stanford_background in {base}:",
+        f"  {labels / '0002000.regions.txt'}: missing",
+        f"  {labels / '0003000.regions.txt'}: empty (0 bytes); re-extract it",
+        "fix: download http://dags.stanford.edu/data/iccv09Data.tar.gz (no published checksum) "
+        f'and extract it with "tar -xzf iccv09Data.tar.gz -C {tmp_path}"',
+    ]
+
+
+def test_stanford_without_images_or_labels(tmp_path: Path) -> None:
+    base = generate_stanford(tmp_path, n_images=1, size=16, seed=0)
+    shutil.rmtree(base / "labels")
+    assert check("stanford_background", tmp_path) == [f"{base / 'labels'}: missing"]
+    for image in (base / "images").iterdir():
+        image.unlink()
+    assert check("stanford_background", tmp_path) == [
+        f"{base / 'images'}: holds no *.jpg images; re-extract it",
+        f"{base / 'labels'}: missing",
+    ]
+    assert check("stanford_background", tmp_path / "empty") == [
+        f"{tmp_path / 'empty'}: no such directory"
+    ]
+
+
+def test_long_lists_of_missing_files_are_capped(tmp_path: Path) -> None:
+    base = generate_stanford(tmp_path, n_images=8, size=16, seed=0)
+    for label in (base / "labels").glob("*.regions.txt"):
+        label.unlink()
+    problems = check("stanford_background", tmp_path)
+    assert problems == [
+        *(f"{base / 'labels' / f'{1000 * i:07d}.regions.txt'}: missing" for i in range(1, 6)),
+        f"and 3 more under {base / 'labels'}",
+    ]
+    assert datacheck.MAX_LISTED == 5
+
+
+def test_voc_complete_agrees_with_the_loader(tmp_path: Path) -> None:
+    base = generate_voc(tmp_path, n_train=3, n_val=2, size=16, seed=0)
+    result = run("check", "voc2012", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"complete: voc2012 in {base}: 3 train and 2 val images, 21 classes\n"
+    # ROOT may be the folder above VOCdevkit, VOCdevkit or VOC2012, as load_voc2012 accepts.
+    for root in (tmp_path, base.parent, base):
+        assert report("voc2012", root) == report("voc2012", tmp_path)
+        assert datacheck._extract_root("voc2012", root) == tmp_path
+    loaded = load_voc2012(tmp_path, size=16)
+    assert (len(loaded.train.images), len(loaded.test.images)) == (3, 2)
+
+
+def test_voc_listed_images_must_exist_in_pairs(tmp_path: Path) -> None:
+    base = generate_voc(tmp_path, n_train=3, n_val=2, size=16, seed=0)
+    (base / "JPEGImages" / "2008_000002.jpg").unlink()  # listed in train.txt
+    (base / "SegmentationClass" / "2008_000005.png").write_bytes(b"")  # listed in val.txt
+    (base / "JPEGImages" / "2008_999999.jpg").unlink()  # detection-only: not listed, not needed
+    result = run("check", "voc2012", base.parent)
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[:3] == [
+        f"incomplete: voc2012 in {base}:",
+        f"  {base / 'JPEGImages' / '2008_000002.jpg'}: missing",
+        f"  {base / 'SegmentationClass' / '2008_000005.png'}: empty (0 bytes); re-extract it",
+    ]
+    assert lines[3].startswith(f'fix: run "samat data download voc2012 {tmp_path}"')
+    assert "(MD5 6cd6e144f989b92b3379bac3b3de84fd)" in lines[3]
+    assert lines[3].endswith(f'"tar -xf VOCtrainval_11-May-2012.tar -C {tmp_path}"')
+    assert len(lines) == 4
+
+
+def test_voc_lists_and_folders(tmp_path: Path) -> None:
+    base = generate_voc(tmp_path, n_train=1, n_val=1, size=16, seed=0)
+    lists = base / "ImageSets" / "Segmentation"
+    (lists / "val.txt").unlink()
+    (lists / "train.txt").write_text("\n")
+    shutil.rmtree(base / "SegmentationClass")
+    assert check("voc2012", tmp_path) == [
+        f"{lists / 'train.txt'}: lists no images; re-extract it",
+        f"{lists / 'val.txt'}: missing",
+        f"{base / 'SegmentationClass'}: missing",
+    ]
+
+
+def test_segmentation_check_decodes_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    stanford = generate_stanford(tmp_path / "s", n_images=2, size=16, seed=0)
+    voc = generate_voc(tmp_path / "v", n_train=1, n_val=1, size=16, seed=0)
+    for image in [*(stanford / "images").iterdir(), *(voc / "JPEGImages").iterdir()]:
+        image.write_bytes(b"not a JPEG")  # only a decoder would notice
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("check decoded an image")
+
+    monkeypatch.setattr(Image, "open", refuse)
+    assert check("stanford_background", tmp_path / "s") == []
+    assert check("voc2012", tmp_path / "v") == []
+
+
+def test_rotten_tomatoes_release_complete_agrees_with_the_loader(tmp_path: Path) -> None:
+    generate_rotten_tomatoes(tmp_path, n=10, seed=0)
+    base = tmp_path / "rt-polaritydata"
+    summary = "16 train, 2 validation and 2 test sentences, 2 classes"
+    result = run("check", "rotten_tomatoes", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"complete: rotten_tomatoes in {base}: {summary}\n"
+    assert report("rotten_tomatoes", base) == report("rotten_tomatoes", tmp_path)
+    loaded = load_rotten_tomatoes(tmp_path)
+    assert [len(loaded.train), len(loaded.validation), len(loaded.test)] == [16, 2, 2]
+
+
+def test_rotten_tomatoes_missing_neg_is_named(tmp_path: Path) -> None:
+    generate_rotten_tomatoes(tmp_path, n=10, seed=0)
+    base = tmp_path / "rt-polaritydata"
+    (base / "rt-polarity.neg").unlink()
+    result = run("check", "rotten_tomatoes", tmp_path)
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[:2] == [
+        f"incomplete: rotten_tomatoes in {base}:",
+        f"  {base / 'rt-polarity.neg'}: missing",
+    ]
+    assert lines[2] == (
+        "fix: download http://www.cs.cornell.edu/people/pabo/movie-review-data/"
+        "rt-polaritydata.tar.gz (no published checksum) and extract it with "
+        f'"tar -xzf rt-polaritydata.tar.gz -C {tmp_path}", or export Hugging Face\'s '
+        f"rotten_tomatoes train, validation and test splits as .csv or .jsonl into {tmp_path}"
+    )
+    assert len(lines) == 3
+    # With no file of the release and no export, both files of the release are asked for.
+    (base / "rt-polarity.pos").unlink()
+    assert check("rotten_tomatoes", tmp_path) == [
+        f"{base / 'rt-polarity.pos'}: missing",
+        f"{base / 'rt-polarity.neg'}: missing",
+    ]
+
+
+def test_rotten_tomatoes_release_lines_must_pair(tmp_path: Path) -> None:
+    generate_rotten_tomatoes(tmp_path, n=10, seed=0)
+    base = tmp_path / "rt-polaritydata"
+    with (base / "rt-polarity.pos").open("ab") as f:
+        f.write(b"one more line \n")
+    assert check("rotten_tomatoes", base) == [
+        f"{base}: 11 positive but 10 negative lines; the release has 5,331 of each, re-extract it"
+    ]
+    (base / "rt-polarity.pos").write_bytes(b"")
+    assert check("rotten_tomatoes", base) == [
+        f"{base / 'rt-polarity.pos'}: empty (0 bytes); re-extract it"
+    ]
+
+
+@pytest.mark.parametrize("layout", ["csv", "jsonl"])
+def test_rotten_tomatoes_exports(tmp_path: Path, layout: str) -> None:
+    generate_rotten_tomatoes(tmp_path, n=10, seed=0, layout=layout)
+    result = run("check", "rotten_tomatoes", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        f"complete: rotten_tomatoes in {tmp_path}: 16 train, 2 validation and 2 test sentences, "
+        f"2 classes, from the {layout} export\n"
+    )
+    (tmp_path / f"test.{layout}").unlink()
+    (tmp_path / f"validation.{layout}").write_bytes(b"")
+    with (tmp_path / f"train.{layout}").open("a") as f:
+        f.write("neither,7\n" if layout == "csv" else '{"text": "x", "label": 7}\n')
+    problems = check("rotten_tomatoes", tmp_path)
+    assert problems[0].startswith(f"{tmp_path / f'train.{layout}'}: label ")
+    assert problems[1:] == [
+        f"{tmp_path / f'validation.{layout}'}: no rows; export it again",
+        f"{tmp_path / f'test.{layout}'}: missing",
+    ]
+    (tmp_path / f"train.{layout}").write_text("not,a\n" if layout == "csv" else "{broken\n")
+    assert "train" in check("rotten_tomatoes", tmp_path)[0]
+    assert len(check("rotten_tomatoes", tmp_path)) == 3
+
+
+def test_help_lists_every_data_set() -> None:
+    assert datacheck.NAMES[-3:] == ("stanford_background", "voc2012", "rotten_tomatoes")
+    for command in ("check", "download"):
+        result = run(command, "--help")
+        assert result.exit_code == 0
+        assert result.output.startswith(f"Usage: data {command} [OPTIONS] NAME ROOT\n")
+        # Wrapped between names, never inside one.
+        assert f"NAME is one of: {', '.join(datacheck.NAMES)}." in " ".join(result.output.split())
+    result = run("check", "voc2011", ".")
+    assert result.exit_code == 2 and "'stanford_background', 'voc2012', 'rotten_tomatoes'" in (
+        result.output
+    )
+
+
+# --- download: Stanford Background, VOC2012, Rotten Tomatoes -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "archive", "extract"),
+    [
+        ("stanford_background", "iccv09Data.tar.gz", "tar -xzf iccv09Data.tar.gz -C"),
+        ("rotten_tomatoes", "rt-polaritydata.tar.gz", "tar -xzf rt-polaritydata.tar.gz -C"),
+    ],
+)
+def test_download_without_a_checksum_prints_the_url_and_no_md5(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, archive: str, extract: str
+) -> None:
+    monkeypatch.setattr(urllib.request, "urlopen", _offline_urlopen)  # nothing is fetched
+    source = datacheck.SOURCES[name]
+    assert source.md5 is None
+    result = run("download", name, tmp_path)
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"{source.title} has no automatic download; fetch it by hand:",
+        f"  curl -L -o {archive} {source.url}",
+        "  (no published checksum: the archive cannot be verified)",
+        f"  {extract} {tmp_path}",
+        f"then: samat data check {name} {tmp_path}",
+    ]
+    assert "MD5" not in result.output and "None" not in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_download_of_complete_text_and_segmentation_sets_says_so(tmp_path: Path) -> None:
+    generate_stanford(tmp_path, n_images=1, size=16, seed=0)
+    generate_rotten_tomatoes(tmp_path, n=4, seed=0)
+    for name in ("stanford_background", "rotten_tomatoes"):
+        result = run("download", name, tmp_path)
+        assert result.exit_code == 0 and result.output.endswith("; nothing to download\n")
+
+
+def test_download_voc_fetches_the_official_archive_into_the_parent_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def fake(url: str, download_root: str, **kwargs: object) -> None:
+        calls.append((url, download_root, kwargs))
+        generate_voc(download_root, n_train=2, n_val=1, size=16, seed=0)
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fake)
+    root = tmp_path / "new" / "VOCdevkit"  # ROOT inside the archive's folder: extract above it
+    result = run("download", "voc2012", root)
+    assert result.exit_code == 0, result.output
+    assert calls == [
+        (
+            "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+            str(tmp_path / "new"),
+            {"filename": "VOCtrainval_11-May-2012.tar", "md5": "6cd6e144f989b92b3379bac3b3de84fd"},
+        )
+    ]
+    assert result.output == (
+        f"complete: voc2012 in {root / 'VOC2012'}: 2 train and 1 val images, 21 classes\n"
+    )
+    result = run("download", "voc2012", tmp_path / "new")
+    assert result.exit_code == 0 and result.output.endswith("; nothing to download\n")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "fake", "reason"),
+    [
+        (urllib.request, _offline_urlopen, "[Errno -3] Temporary failure in name resolution"),
+        (torchvision.datasets.utils, _corrupt_archive, "File not found or corrupted."),
+    ],
+)
+def test_download_voc_offline_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target, fake, reason: str
+) -> None:
+    attribute = "urlopen" if target is urllib.request else "download_and_extract_archive"
+    monkeypatch.setattr(target, attribute, fake)
+    result = run("download", "voc2012", tmp_path)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(
+        "error: cannot download PASCAL VOC2012 from http://host.robots.ox.ac.uk/pascal/VOC/"
+        f"voc2012/VOCtrainval_11-May-2012.tar into {tmp_path} ({reason}); fix: run this "
+    )
+    assert "(MD5 6cd6e144f989b92b3379bac3b3de84fd)" in result.stderr
+    assert not list(tmp_path.iterdir())
