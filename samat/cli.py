@@ -134,7 +134,8 @@ def plan_table(specs: list[RunSpec], actions: dict[str, Any] | None = None) -> T
     for spec in specs:
         c = spec.config
         names = [a if isinstance(a, str) else a.label or a.attack for a in c.eval.attacks]
-        cells = [spec.run_id, spec.label, c.data.name, c.model.name, str(c.train.epochs)]
+        length = f"{c.train.iterations} steps" if c.train.iterations else str(c.train.epochs)
+        cells = [spec.run_id, spec.label, c.data.name, c.model.name, length]
         cells += [str(c.seed), ", ".join(names)]
         if actions is not None:
             cells.append(actions[spec.run_id].describe())
@@ -156,7 +157,7 @@ def plan(grid_file: Path) -> None:
     try:
         preflight(specs, str(grid_file))
     except ConfigError as error:
-        if "data.root" not in str(error):
+        if "data.root" not in str(error) and "model.pretrained" not in str(error):
             raise
         # a grid for the cluster is planned on a laptop too: say so, submit refuses
         click.echo(f"warning: {error}", err=True)

@@ -52,14 +52,101 @@ PositiveBudget = Annotated[float, BeforeValidator(parse_budget), Field(gt=0)]
 Norm = Literal["linf", "l2"]
 
 
+# C0 control characters and DEL: in a value that reaches the sbatch script (one `#SBATCH` line
+# per option, setup lines) or a command line, a newline or NUL would cut or inject a line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL", "\t": "a tab"}
+
+
+def control_character(text: str) -> str | None:
+    """A description of the first control character in text ('a newline', 'U+001B'), or None."""
+    match = _CONTROL.search(text)
+    if match is None:
+        return None
+    char = match.group()
+    return _CONTROL_NAMES.get(char, f"control character U+{ord(char):04X}")
+
+
+def _plain_text(value: Any) -> Any:
+    found = control_character(str(value)) if isinstance(value, str | Path) else None
+    if found:
+        raise ValueError(
+            f"contains {found}, which the sbatch script or a command line cannot carry"
+        )
+    return value
+
+
+def _plain_mapping(value: dict[Any, Any]) -> dict[Any, Any]:
+    """Keys and (nested) string values of a mapping without control characters."""
+
+    def check(item: Any, key: Any) -> None:
+        if isinstance(item, dict):
+            for inner_key, inner in item.items():
+                check(inner_key, inner_key)
+                check(inner, inner_key)
+        elif isinstance(item, list | tuple):
+            for inner in item:
+                check(inner, key)
+        elif isinstance(item, str) and control_character(item):
+            where = f"the key {item!r}" if item == key else f"the value of {key!r} ({item!r})"
+            raise ValueError(
+                f"{where} contains {control_character(item)}, which the sbatch script or a "
+                "command line cannot carry"
+            )
+
+    check(value, None)
+    return value
+
+
+# A string that goes into the sbatch script or onto a command line: no control characters.
+PlainText = Annotated[str, AfterValidator(_plain_text)]
+PlainPath = Annotated[Path, AfterValidator(_plain_text)]
+
+
 class Strict(BaseModel):
     """Base of every config model: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Each data set belongs to one task; the task decides the models, loss, metrics and attacks.
+TASK_DATA: dict[str, tuple[str, ...]] = {
+    "image": ("digits", "synthetic", "cifar10", "cifar100", "tinyimagenet"),
+    "segmentation": ("stanford_background", "voc2012"),
+    "text": ("rotten_tomatoes",),
+}
+DataName = Literal[
+    "digits",
+    "synthetic",
+    "cifar10",
+    "cifar100",
+    "tinyimagenet",
+    "stanford_background",
+    "voc2012",
+    "rotten_tomatoes",
+]
+STAGED_DATA = ("cifar10", "cifar100", "tinyimagenet", *TASK_DATA["segmentation"], "rotten_tomatoes")
+
+
+def task_of(data_name: str) -> str:
+    """'image', 'segmentation' or 'text': the task a data set belongs to."""
+    return next(task for task, names in TASK_DATA.items() if data_name in names)
+
+
+class GenerateConfig(Strict):
+    """A tiny generated look-alike of a staged data set, written to `data.root` in the data set's
+    released layout when the root holds none, then read back by the real loader (examples,
+    tests; segmentation and text only)."""
+
+    # images (segmentation: split 80/20 as for the real set) or sentences (text: per polarity)
+    n_examples: int = Field(default=40, ge=10)
+    # side of the generated images (segmentation)
+    size: int = Field(default=48, ge=16)
+    seed: int = 0
+
+
 class DataConfig(Strict):
-    name: Literal["digits", "synthetic", "cifar10", "cifar100", "tinyimagenet"] = "digits"
+    name: DataName = "digits"
     root: Path | None = None
     # None = the data set's usual augmentation: crop padding 4 + flip on natural images,
     # none on digits (digits are not flip-invariant).
@@ -72,23 +159,45 @@ class DataConfig(Strict):
     image_size: int = Field(default=8, gt=0)
     channels: int = Field(default=1, gt=0)
     num_classes: int = Field(default=10, ge=2)
+    # Segmentation: side of the cached square split (None = 320 Stanford Background, 512 VOC),
+    # training crop side (None = the whole image) and random scale range (None = no scaling).
+    size: int | None = Field(default=None, ge=8)
+    crop_size: int | None = Field(default=None, ge=8)
+    scale_range: tuple[PositiveBudget, PositiveBudget] | None = None
+    # Text: tokens per example after tokenization (longer reviews are truncated).
+    max_length: int = Field(default=128, ge=8)
+    generate: GenerateConfig | None = None
+
+    @property
+    def task(self) -> str:
+        return task_of(self.name)
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:
-        if self.name in ("cifar10", "cifar100", "tinyimagenet") and self.root is None:
+        if self.name in STAGED_DATA and self.root is None:
             raise ValueError(
                 f"data set {self.name!r} needs `data.root`, the directory that holds it"
             )
+        if self.generate is not None and self.task == "image":
+            raise ValueError(
+                f"data.generate applies to segmentation and text data sets, not {self.name!r}; "
+                "remove it (digits and synthetic need no files)"
+            )
+        if self.scale_range is not None and self.scale_range[0] > self.scale_range[1]:
+            raise ValueError("data.scale_range is [low, high] with low <= high, e.g. [0.5, 2.0]")
         return self
 
 
 class ModelConfig(Strict):
     name: str = "small_cnn"
     width: int | None = Field(default=None, gt=0)
+    # Staged weights: the segmentation backbone's ImageNet weights (.safetensors or a weights-only
+    # .pth), or the text model's directory (config.json, safetensors weights, tokenizer files).
+    pretrained: PlainPath | None = None
 
 
 class OptimizerConfig(Strict):
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
@@ -96,11 +205,15 @@ class OptimizerConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    # The papers' schedule: lr / 10 at 75% and again at 90% of the epochs.
-    name: Literal["multistep", "constant", "cosine"] = "multistep"
+    # The papers' schedule: lr / 10 at 75% and again at 90% of the epochs. Per step: poly
+    # (lr (1 - t / T) ^ power, segmentation) and linear (warmup, then linear decay to 0, text).
+    name: Literal["multistep", "constant", "cosine", "poly", "linear"] = "multistep"
     milestones: list[float] = Field(default_factory=lambda: [0.75, 0.9])
     gamma: float = Field(default=0.1, gt=0)
     warmup_epochs: int = Field(default=0, ge=0)
+    power: float = Field(default=0.9, gt=0)
+    # linear: the fraction of all steps spent warming up from 0
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _milestones_are_fractions(self) -> ScheduleConfig:
@@ -249,6 +362,9 @@ class ValidationConfig(Strict):
 
 class TrainConfig(Strict):
     epochs: int = Field(default=100, ge=1)
+    # Training by optimizer steps instead (segmentation): the epochs are as many as the steps
+    # need, the last one cut short; set one of epochs and iterations.
+    iterations: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -270,6 +386,21 @@ class TrainConfig(Strict):
         if value is True:
             return "bf16"
         return "off" if value is False else value
+
+    @model_validator(mode="after")
+    def _epochs_or_iterations(self) -> TrainConfig:
+        if self.iterations is not None and "epochs" in self.model_fields_set:
+            raise ValueError("set train.epochs or train.iterations, not both")
+        return self
+
+    def total_epochs(self, steps_per_epoch: int) -> int:
+        """Epochs to train: `epochs`, or as many as `iterations` steps need."""
+        if self.iterations is None:
+            return self.epochs
+        return -(-self.iterations // steps_per_epoch)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.iterations or self.epochs * steps_per_epoch
 
     @model_validator(mode="after")
     def _best_needs_validation(self) -> TrainConfig:
@@ -303,56 +434,46 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: int = 0
 
+    @property
+    def task(self) -> str:
+        """'image', 'segmentation' or 'text', from the data set."""
+        return self.data.task
 
-# C0 control characters and DEL: in a value that reaches the sbatch script (one `#SBATCH` line
-# per option, setup lines) or a command line, a newline or NUL would cut or inject a line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL", "\t": "a tab"}
-
-
-def control_character(text: str) -> str | None:
-    """A description of the first control character in text ('a newline', 'U+001B'), or None."""
-    match = _CONTROL.search(text)
-    if match is None:
-        return None
-    char = match.group()
-    return _CONTROL_NAMES.get(char, f"control character U+{ord(char):04X}")
-
-
-def _plain_text(value: Any) -> Any:
-    found = control_character(str(value)) if isinstance(value, str | Path) else None
-    if found:
-        raise ValueError(
-            f"contains {found}, which the sbatch script or a command line cannot carry"
-        )
-    return value
-
-
-def _plain_mapping(value: dict[Any, Any]) -> dict[Any, Any]:
-    """Keys and (nested) string values of a mapping without control characters."""
-
-    def check(item: Any, key: Any) -> None:
-        if isinstance(item, dict):
-            for inner_key, inner in item.items():
-                check(inner_key, inner_key)
-                check(inner, inner_key)
-        elif isinstance(item, list | tuple):
-            for inner in item:
-                check(inner, key)
-        elif isinstance(item, str) and control_character(item):
-            where = f"the key {item!r}" if item == key else f"the value of {key!r} ({item!r})"
+    @model_validator(mode="after")
+    def _fits_task(self) -> RunConfig:
+        task = self.task
+        a_task = f"{'an' if task == 'image' else 'a'} {task} run"
+        if task == "text" and isinstance(self.method, AdversarialMethod):
             raise ValueError(
-                f"{where} contains {control_character(item)}, which the sbatch script or a "
-                "command line cannot carry"
+                f"method {self.method.name!r} perturbs pixels; a text run's inputs are tokens: "
+                "use standard, sam, asam, esam or looksam (word-level attacks go in eval.attacks)"
             )
+        if task != "image" and self.train.validation.size:
+            raise ValueError(
+                f"train.validation applies to image classification, not to {a_task}; "
+                "remove it (and train.keep: best)"
+            )
+        from samat.attacks.kinds import KINDS
 
-    check(value, None)
-    return value
-
-
-# A string that goes into the sbatch script or onto a command line: no control characters.
-PlainText = Annotated[str, AfterValidator(_plain_text)]
-PlainPath = Annotated[Path, AfterValidator(_plain_text)]
+        for entry in self.eval.attacks:
+            if isinstance(entry, str) and task != "image":
+                raise ValueError(
+                    f"eval.attacks: preset {entry!r} is an image attack; {a_task} takes "
+                    "attack specs of kind "
+                    + " or ".join(k for k, v in KINDS.items() if task in v.tasks)
+                )
+            if isinstance(entry, AttackSpec) and task not in KINDS[entry.attack].tasks:
+                fits = [k for k, v in KINDS.items() if task in v.tasks]
+                raise ValueError(
+                    f"eval.attacks: attack {entry.attack!r} does not apply to {a_task}; "
+                    f"use {' or '.join(fits)}"
+                )
+        if task == "text" and self.model.pretrained is None:
+            raise ValueError(
+                "a text run needs model.pretrained, the staged model directory "
+                "(config.json, model.safetensors, tokenizer files); see docs/text.md"
+            )
+        return self
 
 
 class SlurmConfig(Strict):

@@ -27,10 +27,35 @@ class RunSpec:
     run_dir: Path
 
 
+# Keys added after run ids were first handed out (segmentation and text): left out of the
+# identity while at their defaults, so that adding them changed no existing run's id.
+LATE_KEYS = (
+    "data.size",
+    "data.crop_size",
+    "data.scale_range",
+    "data.max_length",
+    "data.generate",
+    "model.pretrained",
+    "train.iterations",
+    "train.schedule.power",
+    "train.schedule.warmup_ratio",
+)
+_DEFAULTS: dict[str, Any] = {}
+
+
 def canonical_json(config: RunConfig) -> str:
     """The training identity (the resolved config without `eval`) as JSON with sorted keys:
     configs that train the same weights give equal text."""
     identity = config.model_dump(mode="json", exclude={"eval"})
+    if not _DEFAULTS:
+        _DEFAULTS.update(RunConfig().model_dump(mode="json"))
+    for key in LATE_KEYS:
+        *parents, last = key.split(".")
+        node, default = identity, _DEFAULTS
+        for part in parents:
+            node, default = node[part], default[part]
+        if node[last] == default[last]:
+            del node[last]
     return json.dumps(identity, sort_keys=True, separators=(",", ":"))
 
 
@@ -78,7 +103,7 @@ def _product(axes: dict[str, Any]) -> list[dict[str, Any]]:
 def method_label(config: RunConfig) -> str:
     """Row label in the papers' style: 'SGD', 'SAM rho=0.1', 'PGD-AT linf eps=8/255'; the method
     config class says its own part, the optimizer is added unless it is SGD."""
-    optimizer = {"sgd": "SGD", "adam": "Adam"}[config.train.optimizer.name]
+    optimizer = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[config.train.optimizer.name]
     own = config.method.label()
     if not own:
         return optimizer
@@ -150,20 +175,26 @@ def expand(grid: GridConfig, source: str = "grid") -> list[RunSpec]:
 
 def preflight(specs: list[RunSpec], source: str = "grid") -> None:
     """Check what pydantic cannot (model names, attack presets, data roots) before anything runs."""
-    from samat import attacks, models
+    from samat import attacks, tasks
 
-    known = set(models.NAMES)  # torch-free
     for spec in specs:
         config = spec.config
+        known = tasks.model_names(config.task)  # torch-free
         if config.model.name not in known:
             raise ConfigError(
-                f"{source}: unknown model {config.model.name!r} (model.name); "
-                f"choose one of {sorted(known)}"
+                f"{source}: unknown model {config.model.name!r} (model.name) for "
+                f"{config.task} data {config.data.name!r}; choose one of {sorted(known)}"
             )
         root = config.data.root
-        if root is not None and not root.is_dir():
+        if root is not None and not root.is_dir() and config.data.generate is None:
             raise ConfigError(
                 f"{source}: data.root {root} does not exist; "
                 f"put the {config.data.name} data there or fix data.root"
+            )
+        pretrained = config.model.pretrained
+        if pretrained is not None and not pretrained.exists() and config.data.generate is None:
+            raise ConfigError(
+                f"{source}: model.pretrained {pretrained} does not exist; stage the weights "
+                "there or fix model.pretrained"
             )
         attacks.resolve(config.eval.attacks)

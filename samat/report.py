@@ -151,7 +151,20 @@ def columns(records: list[RunRecord], reference: PublishedTable | None = None) -
     natural = [NATURAL, *([SUBSET] if subset else [])]
     if reference is not None:
         return natural + [c for c in reference.columns if c != NATURAL]
-    return [*natural, *seen, AVERAGE]
+    # attack success rates (text) have no meaningful average
+    average = [] if any(r.result and r.result.get("task") == "text" for r in records) else [AVERAGE]
+    return [*natural, *seen, *average]
+
+
+def metric_caption(records: list[RunRecord]) -> str:
+    """What the numbers are: accuracy %, mIoU % (segmentation) or, for text, accuracy % with the
+    attack columns as success rates %."""
+    metrics = {r.result.get("metric", "accuracy") for r in records if r.result}
+    if any(r.result and r.result.get("task") == "text" for r in records):
+        return "accuracy %; attack columns: success rate %, lower is more robust"
+    if metrics == {"miou"}:
+        return "mIoU %"
+    return "accuracy %" if metrics <= {"accuracy"} else "accuracy % and mIoU %, by task"
 
 
 def hidden_columns(records: list[RunRecord], cols: list[str]) -> list[str]:
@@ -559,7 +572,7 @@ def _report(
     table = published.table(reference) if reference is not None else None
     records = load_records(root, runs)
     done = sum(r.state == "done" for r in records)
-    title = f"{root} — {done}/{len(records)} runs done (accuracy %)"
+    title = f"{root} — {done}/{len(records)} runs done ({metric_caption(records)})"
     return records, build(records, title, reference=table, ci=ci, compare=compare)
 
 

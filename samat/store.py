@@ -675,6 +675,8 @@ def training_yaml(config: RunConfig) -> str:
     differ mostly in the seed: the text of each config without it is made once (the seed line
     of an int is `seed: N`, whatever the rest), the pure-Python emitter being slow."""
     data = config.model_dump(mode="json", exclude={"eval"})
+    if data["train"].get("iterations") is not None:
+        del data["train"]["epochs"]  # derived from the steps; reading both back is an error
     seed = data.get("seed")
     if type(seed) is not int or list(data)[-1] != "seed":
         return yaml.safe_dump(data, sort_keys=False)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from rich.progress import Progress, TimeElapsedColumn
 
-from samat import __version__, attacks, methods, models, versions
+from samat import __version__, attacks, methods, models, tasks, versions
 from samat.config import (
     AdversarialMethod,
     AttackSpec,
@@ -26,7 +26,7 @@ from samat.config import (
     ScheduleConfig,
 )
 from samat.data import DeviceLoader, Split, load_dataset, split_validation
-from samat.evaluate import Interrupted, StopFlag, clean_accuracy, evaluate_run
+from samat.evaluate import Interrupted, StopFlag, clean_accuracy
 from samat.grid import run_id
 from samat.store import (
     CHECKPOINT,
@@ -46,8 +46,21 @@ class TrainingError(ConfigError):
     """Training cannot go on (e.g. the loss became NaN); the message names a fix."""
 
 
-def lr_factor(schedule: ScheduleConfig, epoch: int, epochs: int) -> float:
-    """Learning-rate multiplier for a 0-based epoch: warmup, then multistep / cosine / constant."""
+PER_STEP = ("poly", "linear")  # schedules that set the lr before every step
+
+
+def lr_factor(
+    schedule: ScheduleConfig, epoch: int, epochs: int, step: int = 0, steps: int = 1
+) -> float:
+    """Learning-rate multiplier for a 0-based epoch (warmup, then multistep / cosine /
+    constant), or for the 0-based optimizer `step` of `steps` in all (poly, linear)."""
+    if schedule.name == "poly":
+        return (1 - step / steps) ** schedule.power
+    if schedule.name == "linear":
+        warmup = round(schedule.warmup_ratio * steps)
+        if step < warmup:
+            return step / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
     if epoch < schedule.warmup_epochs:
         return (epoch + 1) / (schedule.warmup_epochs + 1)
     if schedule.name == "multistep":
@@ -62,6 +75,8 @@ def make_optimizer(config: OptimizerConfig, model: torch.nn.Module) -> torch.opt
     params = model.parameters()
     if config.name == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.name == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
         params,
         lr=config.lr,
@@ -203,6 +218,7 @@ def _resume(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     method: methods.Method,
+    epochs: int,
 ) -> Position:
     path = run.file(CHECKPOINT)
     if not path.exists():
@@ -224,7 +240,7 @@ def _resume(
         best=meta.get("best", {}),
     )
     run.truncate_metrics(position.epoch)
-    if position.epoch < config.train.epochs or position.step:
+    if position.epoch < epochs or position.step:
         where = f"epoch {position.epoch}" + (f" step {position.step}" if position.step else "")
         log.info("resumed from %s (checkpoint %s)", where, path)
     return position
@@ -305,19 +321,14 @@ def execute(
     try:
         device = pick_device()
         _set_determinism(config)
-        dataset, model = build(config, device)
-        totals, method = train(run, config, dataset, model, device, stop)
+        task = tasks.get(config.task)
+        dataset, model = task.build(config, device)
+        loader = task.loader(config, dataset, device)
+        totals, method = train(run, config, dataset, model, device, stop, loader=loader)
         checkpoint = _select_checkpoint(run, config, model)
-        records = evaluate_run(
-            run,
-            config,
-            model,
-            dataset.test,
-            num_classes=dataset.num_classes,
-            checkpoint=checkpoint,
-            stop=stop,
-        )
-        result = _result(run, config, records, totals, method, checkpoint, device)
+        records = task.evaluate(run, config, model, dataset, checkpoint=checkpoint, stop=stop)
+        summary = task.summary(records)
+        result = _result(run, config, summary, records, totals, method, checkpoint, device)
     except Interrupted:
         log.info("stopped: progress is stored; the next attempt resumes from it")
         raise
@@ -340,33 +351,30 @@ def train(
     model: torch.nn.Module,
     device: torch.device,
     stop: StopFlag | None = None,
+    *,
+    loader: Any = None,
 ) -> tuple[dict[str, float], methods.Method]:
     """Epochs from the checkpoint's position to the last; the final checkpoint is left as it is
-    when training was already complete (an eval-only task rewrites nothing)."""
+    when training was already complete (an eval-only task rewrites nothing). `loader`: the
+    task's training batches (None = the image task's)."""
     train_cfg = config.train
     optimizer = make_optimizer(train_cfg.optimizer, model)
     method = methods.create(config.method, optimizer, amp=train_cfg.amp)
-    position = _resume(run, config, model, optimizer, method)
-    if position.epoch >= train_cfg.epochs:
+    if loader is None:
+        loader = tasks.ImageTask().loader(config, dataset, device)
+    epochs = train_cfg.total_epochs(len(loader))
+    position = _resume(run, config, model, optimizer, method, epochs)
+    position.totals["epochs"] = epochs
+    if position.epoch >= epochs:
         if not run.state().trained:
             run.mark_trained()
         return position.totals, method
-    loader = DeviceLoader(
-        dataset.train,
-        train_cfg.batch_size,
-        device=device,
-        shuffle=True,
-        seed=config.seed,
-        crop_padding=dataset.crop_padding,
-        flip=dataset.flip,
-        channels_last=train_cfg.channels_last,
-    )
     log.info(
         "run %s: %s on %s, %d epochs from epoch %d, device %s, threads %d",
         run.run_id,
         config.method.name,
         config.data.name,
-        train_cfg.epochs,
+        epochs,
         position.epoch,
         device,
         torch.get_num_threads(),
@@ -375,7 +383,7 @@ def train(
     task = (
         bar.add_task(
             f"{config.method.name} seed {config.seed}",
-            total=(train_cfg.epochs - position.epoch) * len(loader) - position.step,
+            total=train_cfg.total_steps(len(loader)) - position.epoch * len(loader) - position.step,
         )
         if bar
         else None
@@ -384,7 +392,7 @@ def train(
     # itself (a compiled module's state_dict keys carry an '_orig_mod.' prefix)
     stepped = torch.compile(model) if train_cfg.compile else model
     try:
-        while position.epoch < train_cfg.epochs:
+        while position.epoch < epochs:
             record = _epoch(
                 run,
                 config,
@@ -397,13 +405,13 @@ def train(
                 (bar, task),
                 stepped=stepped,
             )
-            record.update(_validate(run, config, dataset, model, position))
+            record.update(_validate(run, config, dataset, model, position, loader))
             run.append_metrics(record)
             _save(run, config, model, optimizer, method, position)
             log.info(
                 "epoch %d/%d loss %.4f train-acc %.4f lr %.4g %.1fs (%.0f img/s)%s",
                 record["epoch"],
-                train_cfg.epochs,
+                epochs,
                 record["loss"],
                 record["train_accuracy"],
                 record["lr"],
@@ -435,39 +443,66 @@ def _epoch(
     stepped: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """One epoch from `position.step`; loss and accuracy summed on the device and read once.
-    `stepped`: what the method steps (the compiled model under train.compile), else `model`."""
-    epochs, epoch = config.train.epochs, position.epoch
-    lr = config.train.optimizer.lr * lr_factor(config.train.schedule, epoch, epochs)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    `stepped`: what the method steps (the compiled model under train.compile), else `model`.
+    Accuracy counts pixels for segmentation (ignored ones left out), examples otherwise."""
+    train_cfg = config.train
+    per_epoch = len(loader)
+    epochs, epoch = train_cfg.total_epochs(per_epoch), position.epoch
+    all_steps = train_cfg.total_steps(per_epoch)
+    # the last epoch of an iteration budget stops short
+    n_steps = min(per_epoch, all_steps - epoch * per_epoch)
+    schedule, base_lr = train_cfg.schedule, train_cfg.optimizer.lr
+
+    def set_lr(step: int) -> float:
+        lr = base_lr * lr_factor(schedule, epoch, epochs, epoch * per_epoch + step, all_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    lr = first_lr = set_lr(position.step)
+    per_step = schedule.name in PER_STEP
     model.train()
     device = next(model.parameters()).device
     partial = position.partial or {}
     loss_sum = torch.tensor(float(partial.get("loss", 0.0)), device=device, dtype=torch.float64)
     correct = torch.tensor(int(partial.get("correct", 0)), device=device)
     seen, spent = int(partial.get("seen", 0)), float(partial.get("seconds", 0.0))
+    # accuracy's denominator: examples, or counted pixels (segmentation)
+    counted = torch.tensor(int(partial.get("counted", seen)), device=device)
     first_bad = torch.tensor(-1, device=device)
     began = time.perf_counter()
     bar, task = progress
     step = position.step
     for step, (images, labels) in enumerate(loader.epoch(epoch, position.step), position.step):
+        if step >= n_steps:
+            break
+        if per_step:
+            lr = set_lr(step)
         out = method.step(model if stepped is None else stepped, images, labels)
         loss = out.loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        loss_sum += loss.double() * labels.numel()
-        correct += (out.logits.argmax(1) == labels).sum()
-        seen += labels.numel()
-        if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == len(loader):
+        loss_sum += loss.double() * len(labels)
+        hits = out.logits.argmax(1) == labels
+        if labels.dim() > 1:
+            valid = labels != methods.base.IGNORE_INDEX
+            hits, n_counted = hits & valid, valid.sum()
+        else:
+            n_counted = labels.numel()
+        correct += hits.sum()
+        counted += n_counted
+        seen += len(labels)
+        if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == n_steps:
             _nan_guard(first_bad, epoch)
         if bar:
             bar.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs}")
-        if stop is not None and stop.signum is not None and step + 1 < len(loader):
+        if stop is not None and stop.signum is not None and step + 1 < n_steps:
             _nan_guard(first_bad, epoch)
             position.step = step + 1
             position.partial = {
                 "loss": float(loss_sum),
                 "correct": int(correct),
                 "seen": seen,
+                "counted": int(counted),
                 "seconds": spent + time.perf_counter() - began,
             }
             _save(run, config, model, optimizer, method, position)
@@ -476,13 +511,15 @@ def _epoch(
     seconds = spent + time.perf_counter() - began
     position.totals["train_seconds"] += seconds
     position.totals["images"] += seen
-    position.totals["steps"] += len(loader)
+    position.totals["steps"] += n_steps
     position.epoch, position.step, position.partial = epoch + 1, 0, {}
     return {
         "epoch": epoch + 1,
-        "lr": lr,
+        # the epoch's first step's lr (every step's under poly and linear schedules)
+        "lr": first_lr,
+        "last_lr": lr,
         "loss": float(loss_sum) / seen,
-        "train_accuracy": int(correct) / seen,
+        "train_accuracy": int(correct) / max(int(counted), 1),
         "seconds": seconds,
         "images_per_second": seen / max(seconds, 1e-9),
     }
@@ -510,14 +547,20 @@ def validation_attack(config: RunConfig) -> AttackSpec | None:
 
 
 def _validate(
-    run: RunDir, config: RunConfig, dataset: Any, model: torch.nn.Module, position: Position
+    run: RunDir,
+    config: RunConfig,
+    dataset: Any,
+    model: torch.nn.Module,
+    position: Position,
+    loader: Any = None,
 ) -> dict[str, Any]:
     """Every `validation.every` epochs: clean and robust accuracy on the held-out split; keeps the
     best weights (train.keep: best) and records a robust-accuracy collapse (FGSM-RS's
     catastrophic overfitting) with its epoch."""
     validation = config.train.validation
     epoch = position.epoch
-    if dataset.validation is None or (epoch % validation.every and epoch != config.train.epochs):
+    last = config.train.total_epochs(len(loader)) if loader is not None else config.train.epochs
+    if dataset.validation is None or (epoch % validation.every and epoch != last):
         return {}
     device = next(model.parameters()).device
     split: Split = dataset.validation
@@ -580,37 +623,33 @@ def _select_checkpoint(run: RunDir, config: RunConfig, model: torch.nn.Module) -
 def _result(
     run: RunDir,
     config: RunConfig,
+    summary: dict[str, Any],
     records: dict[str, dict[str, Any]],
     totals: dict[str, float],
     method: methods.Method,
     checkpoint: str,
     device: torch.device,
 ) -> dict[str, Any]:
-    robust = {
-        label: r["accuracy"]
-        for label, r in records.items()
-        if label not in ("natural", "natural_subset")
-    }
+    """Write result.json: the task's summary of the records, then how the run went."""
     eval_seconds = sum(r.get("seconds", 0.0) for r in records.values())
     best = read_checkpoint(run.file(CHECKPOINT_BEST))[1] if checkpoint == "best" else None
+    epochs = int(totals.get("epochs", config.train.epochs))
     result = {
         "run_id": run.run_id,
+        "task": config.task,
         "seed": config.seed,
         "method": config.method.name,
-        "natural": records["natural"]["accuracy"],
-        "natural_subset": records["natural_subset"]["accuracy"],
-        "robust": robust,
-        "average_robust": sum(robust.values()) / len(robust) if robust else None,
-        "robust_examples": records["natural_subset"]["total"] if robust else 0,
+        **summary,
         "checkpoint": checkpoint,
-        "checkpoint_epoch": best["epoch"] if best else config.train.epochs,
+        "checkpoint_epoch": best["epoch"] if best else epochs,
         "catastrophic_overfitting_epoch": run.state().catastrophic_overfitting_epoch,
         "train_seconds": totals["train_seconds"],
         "eval_seconds": eval_seconds,
         "images_per_second": totals["images"] / max(totals["train_seconds"], 1e-9),
         "forward_backward_passes": totals["steps"] * method.passes_per_step,
         "passes_per_step": method.passes_per_step,
-        "epochs": config.train.epochs,
+        "epochs": epochs,
+        "steps": totals["steps"],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {**versions(), "torch_build": torch.__version__},
         "records": {label: r["key"] for label, r in records.items()},
@@ -618,7 +657,8 @@ def _result(
     }
     write_json(run.file(RESULT), result)
     log.info(
-        "natural accuracy %.4f; done in %.1fs train + %.1fs eval",
+        "natural %s %.4f; done in %.1fs train + %.1fs eval",
+        result["metric"],
         result["natural"],
         totals["train_seconds"],
         eval_seconds,

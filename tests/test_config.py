@@ -93,3 +93,52 @@ def test_format_budget():
         "1",
         "2.5",
     ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {
+                "data": {"name": "rotten_tomatoes", "root": "x"},
+                "model": {"name": "distilbert", "pretrained": "m"},
+                "method": {"name": "pgd_at"},
+            },
+            "method 'pgd_at' perturbs pixels; a text run's inputs are tokens",
+        ),
+        (
+            {"data": {"name": "rotten_tomatoes", "root": "x"}, "model": {"name": "distilbert"}},
+            "a text run needs model.pretrained",
+        ),
+        (
+            {"data": {"name": "stanford_background", "root": "x"}, "eval": {"attacks": ["stadv"]}},
+            "preset 'stadv' is an image attack; a segmentation run takes attack specs of kind pgd",
+        ),
+        (
+            {"data": {"name": "voc2012", "root": "x"}, "eval": {"attacks": [{"attack": "fgsm"}]}},
+            "attack 'fgsm' does not apply to a segmentation run; use pgd",
+        ),
+        (
+            {"eval": {"attacks": [{"attack": "iga"}]}},
+            "attack 'iga' does not apply to an image run",
+        ),
+        ({"data": {"name": "digits", "generate": {}}}, "data.generate applies to segmentation"),
+        ({"data": {"name": "voc2012"}}, "data set 'voc2012' needs `data.root`"),
+        (
+            {"data": {"name": "voc2012", "root": "x"}, "train": {"validation": {"size": 10}}},
+            "train.validation applies to image classification, not to a segmentation run",
+        ),
+    ],
+)
+def test_a_run_fits_its_task(data, message):
+    with pytest.raises(ConfigError, match="^run config: ") as error:
+        validate_run(data)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_task_follows_the_data():
+    seg = validate_run({"data": {"name": "voc2012", "root": "x"}, "model": {"name": "seg_tiny"}})
+    text = validate_run(
+        {"data": {"name": "rotten_tomatoes", "root": "x"}, "model": {"pretrained": "m"}}
+    )
+    assert (RunConfig().task, seg.task, text.task) == ("image", "segmentation", "text")

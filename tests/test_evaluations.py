@@ -131,6 +131,12 @@ def test_samat_eval_adds_an_attack_without_editing_the_grid(tmp_path):
     assert set(run.result()["robust"]) == {"FGSM", "P2"}
     bad = samat("eval", run.path, "--attack", "{attack: pgdx}")
     assert bad.exit_code == 2 and "unknown attack 'pgdx'" in bad.output
+    # an attack of another task is refused before any request is written
+    request = run.file("eval.json").read_bytes()
+    other = samat("eval", run.path, "--attack", "{attack: pso}")
+    assert other.exit_code == 2, other.output
+    assert "attack 'pso' does not apply to an image run" in other.output
+    assert run.file("eval.json").read_bytes() == request
 
 
 def test_force_retrains_from_epoch_0(tmp_path):

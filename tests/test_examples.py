@@ -47,3 +47,74 @@ def test_image_tiny_esam_looksam_deit_stadv_corruptions(tmp_path):
     assert len(corruption) == 2
     table = corruption[0]["details"]["per_corruption"]
     assert len(table) == 15 and all(set(v) == {"1", "5"} for v in table.values())
+
+
+def _local_paths(tmp_path: Path, grid: dict) -> dict:
+    """The example's relative data paths moved under tmp_path (a test never writes the repo)."""
+    text = yaml.safe_dump(grid).replace("data/generated/", f"{tmp_path}/generated/")
+    return yaml.safe_load(text)
+
+
+@pytest.mark.slow
+def test_segmentation_tiny_prints_its_miou_table(tmp_path):
+    grid = _local_paths(
+        tmp_path, yaml.safe_load((ROOT / "configs/examples/segmentation_tiny.yaml").read_text())
+    )
+    grid["output"] = str(tmp_path / "out")
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    runner = CliRunner()
+    submitted = runner.invoke(cli, ["submit", str(path), "--executor", "local"])
+    assert submitted.exit_code == 0, submitted.output
+    # the data was generated in the real layout, then read back
+    assert (
+        len(list((tmp_path / "generated/stanford_tiny/iccv09Data/labels").glob("*.regions.txt")))
+        == 60
+    )
+    table = runner.invoke(cli, ["collect", str(tmp_path / "out")])
+    flat = " ".join(table.output.split())  # the title wraps on a narrow terminal
+    assert table.exit_code == 0 and "3/3 runs done (mIoU %)" in flat, table.output
+    rows = json.loads(
+        runner.invoke(
+            cli, ["collect", str(tmp_path / "out"), "--format", "json", "--per-run"]
+        ).output
+    )
+    by_label = {row["label"]: row for row in rows}
+    assert set(by_label) == {"SGD", "SAM rho=0.05", "PGD-AT linf eps=2/255"}
+    for row in rows:
+        assert row["state"] == "done"
+        assert set(row["robust"]) == {"PGD-10 linf 1/255", "PGD-10 l2 1"}
+        # it learns (8 classes: chance is far lower), and PGD does not raise the mIoU
+        assert 0.4 < row["natural"] <= 1
+        assert all(v <= row["natural"] + 1e-9 for v in row["robust"].values())
+
+
+@pytest.mark.slow
+def test_text_tiny_prints_accuracy_and_success_rates(tmp_path):
+    grid = _local_paths(
+        tmp_path, yaml.safe_load((ROOT / "configs/examples/text_tiny.yaml").read_text())
+    )
+    grid["output"] = str(tmp_path / "out")
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    runner = CliRunner()
+    submitted = runner.invoke(cli, ["submit", str(path), "--executor", "local"])
+    assert submitted.exit_code == 0, submitted.output
+    # model, data and resources were generated in their real formats, then read back
+    generated = tmp_path / "generated/text-tiny"
+    assert (generated / "distilbert-tiny/config.json").is_file()
+    assert (generated / "rotten_tomatoes/rt-polaritydata/rt-polarity.neg").is_file()
+    table = runner.invoke(cli, ["collect", str(tmp_path / "out")])
+    assert table.exit_code == 0, table.output
+    flat = " ".join(table.output.split())  # the title wraps on a narrow terminal
+    assert "success rate %, lower is more robust" in flat and "Average" not in flat
+    rows = json.loads(
+        runner.invoke(
+            cli, ["collect", str(tmp_path / "out"), "--format", "json", "--per-run"]
+        ).output
+    )
+    assert {row["label"] for row in rows} == {"AdamW", "SAM rho=0.05 (AdamW)"}
+    for row in rows:
+        assert row["state"] == "done" and set(row["robust"]) == {"PSO", "IGA"}
+        assert row["natural"] > 0.8 and row["average_robust"] is None
+        assert all(0 < rate < 1 for rate in row["robust"].values())

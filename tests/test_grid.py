@@ -97,3 +97,19 @@ def test_invalid_variant_is_reported_before_anything():
 def test_empty_grid_is_an_error():
     with pytest.raises(ConfigError, match="no runs"):
         expand(grid(seeds=[]))
+
+
+def test_run_ids_did_not_change_when_keys_were_added():
+    """Keys added later (segmentation, text) stay out of the identity at their defaults: these
+    ids were handed out before they existed."""
+    from pathlib import Path
+
+    from samat.config import RunConfig, load_grid
+
+    assert run_id(RunConfig()) == "679a5ac673bc"
+    ids = [
+        s.run_id for s in expand(load_grid(Path(__file__).parent.parent / "configs" / "demo.yaml"))
+    ]
+    assert ids[:4] == ["894fc16301db", "83a5ca78597e", "a82c717c3349", "95357249a5b1"]
+    # a late key away from its default is part of the identity
+    assert run_id(RunConfig(data={"name": "digits", "max_length": 64})) != run_id(RunConfig())

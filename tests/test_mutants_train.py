@@ -21,6 +21,7 @@ from samat.evaluate import Interrupted, StopFlag
 from samat.grid import RunSpec, run_id
 from samat.methods import create
 from samat.store import CHECKPOINT, CHECKPOINT_BEST, prepare, read_checkpoint
+from samat.tasks import accuracy_summary
 from samat.train import (
     Position,
     TrainingError,
@@ -293,7 +294,7 @@ def test_a_mid_epoch_checkpoint_resumes_at_its_step(tmp_path) -> None:
     method = create(config.method, optimizer)
     partial = {"loss": 1.5, "correct": 3, "seen": 6, "seconds": 0.5}
     _save(run, config, model, optimizer, method, Position(epoch=1, step=3, partial=partial))
-    position = _resume(run, config, model, optimizer, method)
+    position = _resume(run, config, model, optimizer, method, config.train.epochs)
     assert (position.epoch, position.step, position.partial) == (1, 3, partial)
 
 
@@ -386,11 +387,14 @@ def test_result_json_fields(tmp_path) -> None:
     }
     totals = {"train_seconds": 10.0, "images": 1000, "steps": 20}
     method = create(config.method, torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))
-    result = _result(run, config, records, totals, method, "last", torch.device("cpu"))
+    summary = accuracy_summary(records)
+    result = _result(run, config, summary, records, totals, method, "last", torch.device("cpu"))
     expected = {
         "run_id": rid,
+        "task": "image",
         "seed": 0,
         "method": "sam",
+        "metric": "accuracy",
         "natural": 0.9,
         "natural_subset": 0.8,
         "robust": {"FGSM": 0.4},
@@ -405,6 +409,7 @@ def test_result_json_fields(tmp_path) -> None:
         "forward_backward_passes": 40,
         "passes_per_step": 2,
         "epochs": 2,
+        "steps": 20,
         "device": "cpu",
         "records": {"natural": "k0", "natural_subset": "k1", "FGSM": "k2"},
         "request": run.request_key(),

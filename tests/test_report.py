@@ -296,8 +296,9 @@ def test_unknown_reference_is_a_one_line_error(cifar):
     result = invoke("collect", cifar, "--reference", "table9")
     assert result.exit_code == 2
     assert result.output == (
-        "error: unknown reference table 'table9'; choose one of "
-        "table1, table2, table3, table4, table5, table6, table7\n"
+        "error: unknown reference table 'table9'; choose one of segmentation_stanford, "
+        "segmentation_voc, table1, table2, table3, table4, table5, table6, table7, "
+        "text_rotten_tomatoes\n"
     )
 
 

@@ -358,9 +358,13 @@ def full_loss(model, split) -> float:
 
 @pytest.fixture(scope="module")
 def trained(staged: dict) -> dict:
-    """Both methods, 48 AdamW steps each from the same start: losses before and after."""
+    """Each method, 48 AdamW steps each from the same start: losses before and after."""
     out = {}
-    for name, cfg in (("standard", StandardMethod()), ("sam", SAMMethod(name="sam", rho=0.05))):
+    for name, cfg in (
+        ("standard", StandardMethod()),
+        ("sam", SAMMethod(name="sam", rho=0.05)),
+        ("asam", SAMMethod(name="asam", rho=0.5)),
+    ):
         model = load_pretrained(staged["model_dir"], seed=0)
         torch.manual_seed(0)  # dropout
         method = create(cfg, make_adamw(model, 3e-3))
@@ -374,13 +378,13 @@ def trained(staged: dict) -> dict:
 
 
 def test_methods_step_the_text_model(trained: dict) -> None:
-    for name in ("standard", "sam"):
+    for name in ("standard", "sam", "asam"):
         _, before, after, result = trained[name]
         assert before == pytest.approx(0.693, abs=0.01)  # a random head: chance
         assert after < 0.5 * before, (name, before, after)
         assert result.logits.shape[1] == 2 and result.loss.ndim == 0
-    # SAM's second pass moves the weights elsewhere than plain AdamW does.
-    assert trained["standard"][2] != trained["sam"][2]
+    # SAM's and ASAM's second passes move the weights elsewhere than plain AdamW does.
+    assert trained["standard"][2] != trained["sam"][2] != trained["asam"][2]
 
 
 def test_token_loader_and_adamw_schedule(staged: dict) -> None:

@@ -29,6 +29,39 @@ def test_lr_schedule_follows_the_papers():
     assert [lr_factor(warm, e, 100) for e in range(3)] == pytest.approx([0.25, 0.5, 0.75])
 
 
+def test_per_step_schedules():
+    poly = ScheduleConfig(name="poly", power=0.9)
+    assert lr_factor(poly, 0, 1, step=0, steps=100) == 1
+    assert lr_factor(poly, 3, 5, step=50, steps=100) == pytest.approx(0.5**0.9)
+    assert lr_factor(poly, 4, 5, step=99, steps=100) == pytest.approx(0.01**0.9)
+    linear = ScheduleConfig(name="linear", warmup_ratio=0.1)
+    factors = [lr_factor(linear, 0, 3, step=t, steps=100) for t in (0, 5, 10, 55, 100)]
+    assert factors == pytest.approx([0, 0.5, 1, 0.5, 0])
+    assert lr_factor(ScheduleConfig(name="linear"), 0, 3, step=25, steps=100) == 0.75
+
+
+def test_training_by_iterations_with_a_poly_schedule(tmp_path):
+    """20 steps of 16 per epoch: two epochs, the second cut to 4 steps, the lr set every step."""
+    data = copy.deepcopy(TINY_BASE)
+    del data["train"]["epochs"]
+    data["train"].update(iterations=20, schedule={"name": "poly", "power": 1.0})
+    data["eval"]["attacks"] = []
+    config = validate_run(data)
+    run = prepare(RunSpec(run_id(config), config, "SGD", tmp_path / "runs" / run_id(config)))
+    result = execute(run.path)
+    assert (result["epochs"], result["steps"], result["forward_backward_passes"]) == (2, 20, 20)
+    metrics = run.metrics()
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert [m["lr"] for m in metrics] == pytest.approx([0.05, 0.05 * (1 - 16 / 20)])
+    assert [m["last_lr"] for m in metrics] == pytest.approx([0.05 * 5 / 20, 0.05 / 20])
+    # the optimizer really ran the last step at the last step's lr
+    _, meta = read_checkpoint(run.file(CHECKPOINT))
+    assert meta["param_groups"][0]["lr"] == pytest.approx(0.05 / 20)
+    assert (meta["epoch"], meta["step"]) == (2, 0)
+    with pytest.raises(ConfigError, match="set train.epochs or train.iterations, not both"):
+        validate_run({"train": {"epochs": 3, "iterations": 20}})
+
+
 def test_run_writes_result_metrics_and_state(tmp_path):
     run = make_run(tmp_path)
     result = execute(run.path)
@@ -174,3 +207,34 @@ def test_the_step_path_reads_nothing_back_from_the_device(tmp_path, monkeypatch,
     steps = 512 // 8
     # one NaN-flag read every NAN_CHECK_EVERY steps, plus the epoch's sums
     assert during["reads"] <= steps // train_module.NAN_CHECK_EVERY + 3, during
+
+
+def test_segmentation_train_accuracy_leaves_ignored_pixels_out(tmp_path):
+    """The epoch's accuracy counts pixels, not examples, and not the ignored (255) ones."""
+    from samat.methods.base import StepResult
+    from samat.train import Position, _epoch
+
+    masks = torch.tensor([[[0, 1], [255, 255]], [[0, 0], [1, 255]]])  # 5 counted pixels, 3 are 0
+    logits = torch.zeros(2, 3, 2, 2)
+    logits[:, 0] = 1.0  # predicts class 0 everywhere
+
+    class Loader:
+        def __len__(self):
+            return 1
+
+        def epoch(self, epoch, start=0):
+            yield torch.zeros(2, 3, 2, 2), masks
+
+    class Method:
+        def step(self, model, images, labels):
+            return StepResult(torch.tensor(0.5), logits)
+
+    run = make_run(tmp_path)
+    config = run.config()
+    model = torch.nn.Conv2d(3, 3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    record = _epoch(
+        run, config, model, optimizer, Method(), Loader(), Position(), None, (None, None)
+    )
+    assert record["train_accuracy"] == pytest.approx(3 / 5)
+    assert record["loss"] == pytest.approx(0.5)

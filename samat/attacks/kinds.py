@@ -30,6 +30,8 @@ class AttackKind:
     # evaluation with its own record layout (corruptions)
     per_batch: bool = True
     reference: str = ""
+    # the tasks whose runs it attacks (see samat.tasks): images, segmentation masks, text
+    tasks: tuple[str, ...] = ("image",)
 
 
 KINDS: dict[str, AttackKind] = {
@@ -54,6 +56,7 @@ KINDS: dict[str, AttackKind] = {
             takes_alpha=True,
             torchattacks={"linf": "PGD", "l2": "PGDL2"},
             reference="Madry et al. 2018",
+            tasks=("image", "segmentation"),
         ),
         AttackKind(
             "autoattack",
@@ -109,6 +112,40 @@ KINDS: dict[str, AttackKind] = {
             options=frozenset({"root", "dataset", "corruptions", "severities"}),
             per_batch=False,
             reference="Hendrycks & Dietterich 2019 (CIFAR-10-C)",
+        ),
+        # Word-level attacks on text runs (samat.text): the options name the staged resources
+        # and the search settings; see samat.text.task.
+        AttackKind(
+            "pso",
+            "PSO",
+            None,
+            "never",
+            False,
+            options=frozenset({"hownet", "pop_size", "max_iters"}),
+            per_batch=False,
+            reference="Zang et al. 2020 (TextAttack's PSOZang2020 recipe)",
+            tasks=("text",),
+        ),
+        AttackKind(
+            "iga",
+            "IGA",
+            None,
+            "never",
+            False,
+            options=frozenset(
+                {
+                    "embeddings",
+                    "pop_size",
+                    "max_iters",
+                    "max_candidates",
+                    "max_distance",
+                    "max_rate",
+                    "max_replacements",
+                }
+            ),
+            per_batch=False,
+            reference="Wang et al. 2019 (TextAttack's IGAWang2019 recipe)",
+            tasks=("text",),
         ),
     )
 }

@@ -45,7 +45,7 @@ from submitit import LocalExecutor, SlurmExecutor
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
-from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig
+from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig, validate_run
 from samat.grid import RunSpec, expand, preflight
 from samat.launch import container, scheduler
 from samat.launch.lock import output_lock
@@ -567,7 +567,7 @@ def evaluate_runs(
     if kind == "slurm" and target.suffix not in (".yaml", ".yml"):
         raise ConfigError("--executor slurm takes the grid file as TARGET (its slurm section)")
     with output_lock(output, purpose="eval", say=lambda line: say(console, line)):
-        todo, untrained = [], 0
+        changes, untrained = [], 0
         for run in dirs:
             if not run.state().trained:
                 untrained += 1
@@ -584,7 +584,17 @@ def evaluate_runs(
             update = {"attacks": [*request.attacks, *added]}
             if n_examples is not None:
                 update["n_examples"] = n_examples
-            run.set_eval_request(request.model_copy(update=update))
+            # validated with the run's training config (an attack must fit the run's task)
+            # before any request is written
+            new = request.model_copy(update=update)
+            validate_run(
+                {**run.training_config(), "eval": new.model_dump(mode="json")},
+                f"{run.path} (samat eval)",
+            )
+            changes.append((run, new))
+        todo = []
+        for run, new in changes:
+            run.set_eval_request(new)
             config = run.config()
             if missing_records(run, config) or not run.is_complete():
                 run.mark_pending()

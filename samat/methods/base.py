@@ -12,6 +12,8 @@ from torch import nn
 
 # train.amp's modes and their autocast dtypes ("off": float32, no autocast).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Segmentation masks' ignored pixels (Stanford Background's unknown, VOC's void, padding).
+IGNORE_INDEX = 255
 
 
 def amp_mode(amp: str | bool) -> str:
@@ -54,9 +56,26 @@ def classification_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy and logits of one forward pass, under autocast as `amp` says."""
     logits = autocast_forward(model, images, amp=amp)
-    # Under autocast the loss is taken in float32: a bf16 log-softmax loses small differences.
+    return cross_entropy(logits, labels, reduction=reduction), logits
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean"):
+    """Cross-entropy of logits [N, C] against labels [N], or per pixel of logits [N, C, H, W]
+    against masks [N, H, W] with IGNORE_INDEX pixels excluded: "mean" over the batch's counted
+    pixels (0 when none is), "sum" over them, "none" each example's mean over its own, [N].
+    Under autocast the loss is taken in float32: a bf16 log-softmax loses small differences."""
     wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return F.cross_entropy(wide, labels, reduction=reduction), logits
+    if logits.dim() <= 2:
+        return F.cross_entropy(wide, targets, reduction=reduction)
+    pixels = F.cross_entropy(wide, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = targets != IGNORE_INDEX
+    if reduction == "sum":
+        return pixels.sum()
+    if reduction == "mean":
+        return pixels.sum() / valid.sum().clamp_min(1)
+    if reduction == "none":
+        return pixels.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 class Method(ABC):

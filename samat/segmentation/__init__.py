@@ -11,9 +11,18 @@ Conventions, shared by every module here:
 - mIoU comes from one confusion matrix over the whole split; a class absent from both the
   targets and the predictions does not count in the mean.
 - Models take images in [0, 1] (Normalize is their first layer) and return logits [N, C, H, W].
+
+`samat.segmentation.task` (imported by `samat.tasks.get("segmentation")`, not here) puts these
+together for samat's run loop: build, training loader, resumable mIoU evaluation under PGD.
 """
 
-from samat.segmentation.attacks import SegAttack, evaluate_segmentation, pgd_segmentation
+from samat.segmentation.attacks import (
+    SegAttack,
+    batch_confusion,
+    eval_mode,
+    evaluate_segmentation,
+    pgd_segmentation,
+)
 from samat.segmentation.data import (
     DEFAULT_SIZES,
     SegDataset,
@@ -38,9 +47,11 @@ __all__ = [
     "SegLoader",
     "SegSplit",
     "augment",
+    "batch_confusion",
     "class_iou",
     "confusion_matrix",
     "create_model",
+    "eval_mode",
     "evaluate_segmentation",
     "generate_stanford",
     "generate_voc",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -81,32 +83,62 @@ def evaluate_segmentation(
     if len(images) == 0 or len(images) != len(masks):
         raise ValueError(f"need as many masks as images (> 0), got {len(images)}, {len(masks)}")
     device = next(model.parameters()).device
+    confusions = {}
+    with eval_mode(model):
+        for spec in [None, *specs]:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+            for start in range(0, len(images), batch_size):
+                confusion += batch_confusion(
+                    model,
+                    images[start : start + batch_size],
+                    masks[start : start + batch_size],
+                    spec,
+                    num_classes=num_classes,
+                    generator=generator,
+                )
+            confusions[NATURAL if spec is None else spec.label] = confusion
+    return {
+        label: {"miou": miou(c), "pixel_accuracy": pixel_accuracy(c)}
+        for label, c in confusions.items()
+    }
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode with parameter gradients off; its mode and flags come back after."""
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        confusions = {}
-        for spec in [None, *specs]:
-            generator = torch.Generator(device=device).manual_seed(seed)
-            confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-            for start in range(0, len(images), batch_size):
-                x = _as_float(images[start : start + batch_size].to(device))
-                y = masks[start : start + batch_size].to(device).long()
-                if spec is not None:
-                    x = _checked(spec, x, _attack(model, x, y, spec, generator))
-                with torch.no_grad():
-                    confusion += confusion_matrix(model(x).argmax(1), y, num_classes)
-            confusions[NATURAL if spec is None else spec.label] = confusion
+        yield
     finally:
         model.train(was_training)
         for p, flag in flags:
             p.requires_grad_(flag)
-    return {
-        label: {"miou": miou(c), "pixel_accuracy": pixel_accuracy(c)}
-        for label, c in confusions.items()
-    }
+
+
+def batch_confusion(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    spec: SegAttack | None,
+    *,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One batch's confusion matrix [C, C] on the model's device: clean when `spec` is None,
+    else under its PGD (budget checked) from `generator`. images uint8 or float in [0, 1]
+    [B, 3, H, W] and masks [B, H, W] may live on the CPU. Call it under `eval_mode`."""
+    device = next(model.parameters()).device
+    x = _as_float(images.to(device))
+    y = masks.to(device).long()
+    if spec is not None:
+        x = _checked(spec, x, _attack(model, x, y, spec, generator))
+    with torch.no_grad():
+        return confusion_matrix(model(x).argmax(1), y, num_classes)
 
 
 def _attack(
@@ -114,7 +146,7 @@ def _attack(
     images: torch.Tensor,
     masks: torch.Tensor,
     spec: SegAttack,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     return pgd_segmentation(
         model,

@@ -96,29 +96,41 @@ class SegLoader:
         """Whether batches are warped (any of scale, crop or flip set)."""
         return self.scale_range is not None or self.crop_size is not None or self.flip
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (float32 images in [0, 1] [B, 3, T, T], int64 masks [B, T, T]) for one epoch."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (float32 images in [0, 1] [B, 3, T, T], int64 masks [B, T, T]) for one epoch,
+        from batch `start` on: a run resumed mid-epoch gets exactly the batches it had not seen.
+
+        The batches before `start` still make their random draws (order, scale, offset, flip),
+        so batch `start` onwards is bit-identical to an uninterrupted epoch; only their warp and
+        copy are skipped.
+        """
         key = hashlib.blake2b(f"{self.seed}:{epoch}".encode(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
         n = len(self.masks)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         order = order.to(self.images.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
+        for step, begin in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
+            index = order[begin : begin + self.batch_size]
+            draws = self._draws(len(index), gen) if self.augments else None
+            if step < start:
+                continue
             images = self.images[index].float().div_(255)
             masks = self.masks[index]
-            if self.augments:
-                images, masks = self._augment(images, masks, gen)
+            if draws is not None:
+                images, masks = augment(images, masks, **draws)
             else:
                 masks = masks.long()
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, masks
 
-    def _augment(
-        self, images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, h, w = images.shape
+    def _draws(self, b: int, gen: torch.Generator) -> dict[str, torch.Tensor | int]:
+        """One batch's scales, crop offsets and flips for `augment`, drawn in a fixed order.
+
+        They depend only on the generator and the split's (fixed) image size, never on the
+        images, so skipped batches can draw them without being read.
+        """
+        h, w = self.images.shape[-2:]
         crop = self.crop_size or h
         low, high = self.scale_range or (1.0, 1.0)
         scales = low + (high - low) * torch.rand(b, generator=gen)
@@ -126,4 +138,4 @@ class SegLoader:
         extent = torch.stack([scales * h, scales * w], dim=1) - crop
         offsets = (torch.rand(b, 2, generator=gen) * extent).round()
         flips = torch.rand(b, generator=gen) < 0.5 if self.flip else torch.zeros(b, dtype=bool)
-        return augment(images, masks, scales=scales, offsets=offsets, flips=flips, crop_size=crop)
+        return {"scales": scales, "offsets": offsets, "flips": flips, "crop_size": crop}

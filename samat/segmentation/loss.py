@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from samat.methods.base import autocast_forward
+# Stanford Background's unknown (-1) and VOC's void boundaries are stored as IGNORE_INDEX.
+from samat.methods.base import IGNORE_INDEX, autocast_forward, cross_entropy
 
-# Stanford Background's unknown (-1) and VOC's void boundaries are stored as this label.
-IGNORE_INDEX = 255
+__all__ = ["IGNORE_INDEX", "pixel_cross_entropy", "segmentation_loss"]
 
 
 def pixel_cross_entropy(
@@ -19,17 +18,11 @@ def pixel_cross_entropy(
 
     "mean": over the batch's non-ignored pixels (0, not NaN, when all are ignored);
     "sum": summed over them; "none": each example's mean over its own non-ignored pixels, [N].
+    The training methods' loss (samat.methods.base.cross_entropy) is this one.
     """
-    wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    pixels = F.cross_entropy(wide, masks, ignore_index=IGNORE_INDEX, reduction="none")
-    valid = masks != IGNORE_INDEX
-    if reduction == "sum":
-        return pixels.sum()
-    if reduction == "mean":
-        return pixels.sum() / valid.sum().clamp_min(1)
-    if reduction == "none":
-        return pixels.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be [N, C, H, W], got {list(logits.shape)}")
+    return cross_entropy(logits, masks, reduction=reduction)
 
 
 def segmentation_loss(

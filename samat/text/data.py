@@ -302,15 +302,19 @@ class TokenLoader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (int64 [B, 2, L_batch], int64 labels [B]) for one epoch."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (int64 [B, 2, L_batch], int64 labels [B]) for one epoch, from its batch `start`
+        on (a mid-epoch resume: the order is the whole epoch's, its first `start` batches
+        skipped)."""
         key = hashlib.blake2b(f"{self.seed}:{epoch}".encode(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
         n = len(self.labels)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         order = order.to(self.inputs.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        for begin in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
+            index = order[begin : begin + self.batch_size]
             batch = self.inputs[index]
             # Padding beyond the longest sequence of the batch changes no logit: drop it.
             length = int(batch[:, 1].sum(dim=1).max().item()) if len(batch) else 0
