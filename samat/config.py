@@ -19,9 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A user error in a config file: the message is one line that names the problem and the fix."""
+from samat.errors import ConfigError  # re-exported: samat.config.ConfigError
 
 
 def parse_budget(value: Any) -> Any:

@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from samat.config import ConfigError, EvalConfig, RunConfig, read_yaml, validate_run
+from samat.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
+    from samat.config import EvalConfig, RunConfig
     from samat.grid import RunSpec
 
 CONFIG, STATE, CHECKPOINT, METRICS, RESULT, LOG = (
@@ -285,6 +286,8 @@ class RunDir:
     # -- config and evaluation request --------------------------------------------------------
 
     def training_config(self) -> dict[str, Any]:
+        from samat.config import read_yaml  # pydantic: not for status's one pass
+
         return _training_part(self, read_yaml(self.file(CONFIG)))
 
     def eval_request(self) -> EvalConfig:
@@ -485,6 +488,8 @@ def _training_part(run: RunDir, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _eval_request(run: RunDir, request: Any) -> EvalConfig:
+    from samat.config import EvalConfig
+
     try:
         return EvalConfig.model_validate(request or {})
     except ValueError:
@@ -495,6 +500,8 @@ def _eval_request(run: RunDir, request: Any) -> EvalConfig:
 
 
 def _run_config(run: RunDir, training: dict[str, Any], request: Any) -> RunConfig:
+    from samat.config import validate_run
+
     data = {**training, "eval": _eval_request(run, request).model_dump(mode="json")}
     return validate_run(data, str(run.file(CONFIG)))
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,9 @@ def test_status_and_collect_load_neither_torch_nor_scipy(tmp_path):
     )
     loaded = _loaded(code, str(tmp_path))
     assert "torch" not in loaded and "scipy" not in loaded
+    # status alone reads the seed from config.yaml's last line: no YAML parsing, no validation
+    status_only = code.replace(", ['collect', sys.argv[1], '--format', 'json']", ",")
+    assert _loaded(status_only, str(tmp_path)) == ["yaml"]
 
 
 # -- one pass over the runs gives what RunDir gives --------------------------------------------
@@ -104,14 +108,22 @@ def test_status_and_collect_load_neither_torch_nor_scipy(tmp_path):
 
 def _expected_statuses(runs: list[RunDir]) -> list[tuple[str, str, str, str]]:
     """(run id, label, seed, state) of each run as RunDir's own readers give them (no scheduler:
-    the runs here have no job ids)."""
+    the runs here have no job ids). The seed is config.yaml's last line when that is a seed line
+    as samat writes it (status parses no YAML for it), else the config's, else '-'."""
     rows = []
     for run in runs:
         state = run.state()
+        last = (
+            run.file("config.yaml").read_text().splitlines()[-1:]
+            if run.file("config.yaml").exists()
+            else []
+        )
         try:
             seed = str(run.config().seed)
         except ConfigError:
             seed = "-"
+        if last and re.fullmatch(r"seed: -?\d+", last[0]):
+            seed = last[0].split()[1]
         name = "done" if run.is_complete() else state.state
         if state.state == "done" and not run.is_complete():
             name = "pending"  # done, and its result is gone: submit again

@@ -8,8 +8,6 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from submitit.slurm.slurm import read_job_id
-
 # A scheduler command that takes longer than this is treated as unanswered, never waited on.
 QUERY_TIMEOUT_S = 30
 # SLURM's default MaxArraySize: array indices run from 0 to MaxArraySize - 1.
@@ -96,6 +94,8 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
 
 def _job_id_parts(job_id: str) -> list[tuple[str, ...]]:
     try:
+        from submitit.slurm.slurm import read_job_id  # only for array ranges ('12_[0-3]')
+
         return read_job_id(job_id)
     except ValueError:  # a heterogeneous job ('12+0') or another form samat never submits
         return []

@@ -18,7 +18,7 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from samat.config import ConfigError
+from samat.errors import ConfigError
 from samat.launch.scheduler import JobInfo, is_slurm_id, job_states
 from samat.store import LOG, RunDir, RunReader, RunView, find_runs
 
@@ -124,7 +124,14 @@ def run_statuses(runs: list[RunDir]) -> list[RunStatus]:
     return rows
 
 
+# config.yaml as samat writes it ends with the seed (samat.store.training_yaml)
+_SEED_LINE = re.compile(rb"\nseed: (-?\d+)\n\Z")
+
+
 def _seed(reader: RunReader, view: RunView) -> str:
+    found = _SEED_LINE.search(view.config_text or b"")
+    if found:  # no YAML parsing, no validation (pydantic is not even imported)
+        return found.group(1).decode()
     try:
         return str(reader.shared_config(view)[1])
     except ConfigError:  # a damaged config.yaml must not stop the table
