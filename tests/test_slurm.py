@@ -536,3 +536,65 @@ def test_a_newline_in_the_account_is_a_config_error_and_nothing_reaches_the_clus
     assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
     time.sleep(2)  # accounting lags: a job would be there by now
     assert jobs_named(f"samat-{name}") == [] and accounted_tasks(f"samat-{name}") == []
+
+
+def _example_base(name: str, root: Path) -> dict[str, Any]:
+    """configs/examples/<name>'s base with its generated data under `root` (absolute)."""
+    text = (Path(__file__).resolve().parents[1] / "configs" / "examples" / name).read_text()
+    return yaml.safe_load(text.replace("data/generated/", f"{root}/"))["base"]
+
+
+def test_segmentation_and_text_runs_go_through_the_same_array(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One grid, one array: a segmentation run and a text run (data generated in the real
+    layouts by the tasks themselves), each equal bit for bit to the same run done locally."""
+    seg = _example_base("segmentation_tiny.yaml", tmp_path / "data")
+    seg["train"]["iterations"] = 12
+    seg["data"]["generate"]["n_examples"] = 20
+    seg["eval"].update(n_examples=4, attacks=seg["eval"]["attacks"][:1])
+    text = _example_base("text_tiny.yaml", tmp_path / "data")
+    text["train"]["epochs"] = 1
+    text["data"]["generate"]["n_examples"] = 30
+    text["eval"]["n_examples"] = 4
+    for spec in text["eval"]["attacks"]:
+        spec["options"] = {"pop_size": 4, "max_iters": 2}
+    grid = {
+        "name": "slurm-tasks",
+        "output": str(tmp_path / "out"),
+        "variants": [seg, text],
+        "slurm": {"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 10},
+    }
+    # a variant is a set of dotted overrides: flatten the two bases into them
+    grid["variants"] = [_dotted(v) for v in grid["variants"]]
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid, sort_keys=False))
+    result = samat("submit", grid_file, "--wait")
+    assert result.exit_code == 0, result.output
+    assert len(re.findall(r"submitted SLURM job", result.output)) == 1  # one array
+    monkeypatch.setenv("SAMAT_NUM_THREADS", "1")
+    tasks = set()
+    for spec in expand(load_grid(grid_file)):
+        cluster = RunDir(spec.run_dir)
+        assert cluster.state().state == "done", cluster.state()
+        tasks.add(cluster.result()["task"])
+        local = prepare(dataclasses.replace(spec, run_dir=tmp_path / "local" / spec.run_id))
+        execute(local.path)
+        ours, theirs = weights(cluster), weights(local)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), spec.label
+        assert cluster.result()["robust"] == local.result()["robust"]
+    assert tasks == {"segmentation", "text"}
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 1}} -> {"train.epochs": 1}, keeping lists and leaf mappings of
+    attack specs whole (eval.attacks, data.generate stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted not in ("data.generate",):
+            out.update(_dotted(value, f"{dotted}."))
+        else:
+            out[dotted] = [value] if isinstance(value, list) else value
+    return out
