@@ -598,6 +598,51 @@ def test_a_run_in_the_container_writes_its_result_on_the_host_equal_to_a_local_r
 
 
 @pytest.mark.container
+def test_a_text_run_in_the_container_generates_trains_and_attacks_like_a_local_run(
+    tmp_path: Path, podman: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image carries the text task (transformers, the tokenizers): a tiny text run whose
+    model, data and attack resources are generated inside the container, under the bound output
+    directory, equals the same run here bit for bit."""
+
+    def text_run(output: Path) -> RunDir:
+        grid = (ROOT / "configs" / "examples" / "text_tiny.yaml").read_text()
+        data = yaml.safe_load(grid.replace("data/generated/", f"{output}/data/"))["base"]
+        data["train"]["epochs"] = 1
+        data["data"]["generate"]["n_examples"] = 30
+        data["eval"]["n_examples"] = 4
+        for spec in data["eval"]["attacks"]:
+            spec["options"] = {"pop_size": 4, "max_iters": 2}
+        config = validate_run(data)
+        rid = run_id(config)
+        return prepare(RunSpec(rid, config, method_label(config), output / "runs" / rid))
+
+    output = tmp_path / "text out"
+    run = text_run(output)
+    config = cfg(
+        runtime="docker", executable=podman, image=IMAGE, gpu=False, env={"SAMAT_NUM_THREADS": "1"}
+    )
+    write_env_file(config, output)
+    proc = subprocess.run(
+        task_command(config, run.path, output_root=output),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = run.result()
+    assert result["task"] == "text" and set(result["robust"]) == {"PSO", "IGA"}
+    assert (output / "data" / "text-tiny" / "distilbert-tiny" / "config.json").is_file()
+    monkeypatch.setenv("SAMAT_NUM_THREADS", "1")
+    local = text_run(tmp_path / "local")
+    execute(local.path)
+    ours, theirs = (read_checkpoint(r.file("checkpoint.safetensors"))[0] for r in (run, local))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert result["robust"] == local.result()["robust"]
+
+
+@pytest.mark.container
 def test_env_values_reach_the_docker_container_unchanged(tmp_path: Path, podman: str) -> None:
     config = cfg(runtime="docker", executable=podman, image=IMAGE, gpu=False, env=NASTY)
     assert container_env(config, tmp_path) == NASTY
