@@ -99,7 +99,7 @@ def evaluate_run(
         return DeviceLoader(split, request.batch_size, device=device, shuffle=False)
 
     key = keys["natural"]
-    records["natural"] = run.eval_record(key) or _store(
+    records["natural"] = run.eval_record(key) or store_clean(
         run,
         key,
         "Natural",
@@ -108,7 +108,7 @@ def evaluate_run(
     )
     subset = Split(test.images[index], test.labels[index])
     key = keys["natural_subset"]
-    records["natural_subset"] = run.eval_record(key) or _store(
+    records["natural_subset"] = run.eval_record(key) or store_clean(
         run,
         key,
         "Natural (attacked images)",
@@ -128,13 +128,15 @@ def evaluate_run(
     return records
 
 
-def _store(
+def store_clean(
     run: RunDir,
     key: str,
     label: str,
     fields: dict[str, Any],
     compute: Callable[[], tuple[int, int]],
 ) -> dict[str, Any]:
+    """Time `compute` (correct, total), store its record at once and return it (the text task
+    stores its clean accuracies so too)."""
     began = time.perf_counter()
     correct, total = compute()
     record = {

@@ -49,36 +49,33 @@ def test_image_tiny_esam_looksam_deit_stadv_corruptions(tmp_path):
     assert len(table) == 15 and all(set(v) == {"1", "5"} for v in table.values())
 
 
-def _local_paths(tmp_path: Path, grid: dict) -> dict:
-    """The example's relative data paths moved under tmp_path (a test never writes the repo)."""
-    text = yaml.safe_dump(grid).replace("data/generated/", f"{tmp_path}/generated/")
-    return yaml.safe_load(text)
-
-
-@pytest.mark.slow
-def test_segmentation_tiny_prints_its_miou_table(tmp_path):
-    grid = _local_paths(
-        tmp_path, yaml.safe_load((ROOT / "configs/examples/segmentation_tiny.yaml").read_text())
-    )
+def run_generated_example(name: str, tmp_path: Path) -> tuple[str, list[dict]]:
+    """An example whose data samat generates, run through the CLI with its relative data paths
+    moved under tmp_path (a test never writes the repo): collect's table (whitespace folded, as
+    the title wraps on a narrow terminal) and its per-run JSON."""
+    text = (ROOT / "configs" / "examples" / name).read_text()
+    grid = yaml.safe_load(text.replace("data/generated/", f"{tmp_path}/generated/"))
     grid["output"] = str(tmp_path / "out")
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     runner = CliRunner()
     submitted = runner.invoke(cli, ["submit", str(path), "--executor", "local"])
     assert submitted.exit_code == 0, submitted.output
-    # the data was generated in the real layout, then read back
-    assert (
-        len(list((tmp_path / "generated/stanford_tiny/iccv09Data/labels").glob("*.regions.txt")))
-        == 60
-    )
     table = runner.invoke(cli, ["collect", str(tmp_path / "out")])
-    flat = " ".join(table.output.split())  # the title wraps on a narrow terminal
-    assert table.exit_code == 0 and "3/3 runs done (mIoU %)" in flat, table.output
-    rows = json.loads(
-        runner.invoke(
-            cli, ["collect", str(tmp_path / "out"), "--format", "json", "--per-run"]
-        ).output
+    assert table.exit_code == 0, table.output
+    per_run = runner.invoke(
+        cli, ["collect", str(tmp_path / "out"), "--format", "json", "--per-run"]
     )
+    return " ".join(table.output.split()), json.loads(per_run.output)
+
+
+@pytest.mark.slow
+def test_segmentation_tiny_prints_its_miou_table(tmp_path):
+    table, rows = run_generated_example("segmentation_tiny.yaml", tmp_path)
+    # the data was generated in the real layout, then read back
+    labels = tmp_path / "generated/stanford_tiny/iccv09Data/labels"
+    assert len(list(labels.glob("*.regions.txt"))) == 60
+    assert "3/3 runs done (mIoU %)" in table
     by_label = {row["label"]: row for row in rows}
     assert set(by_label) == {"SGD", "SAM rho=0.05", "PGD-AT linf eps=2/255"}
     for row in rows:
@@ -91,28 +88,12 @@ def test_segmentation_tiny_prints_its_miou_table(tmp_path):
 
 @pytest.mark.slow
 def test_text_tiny_prints_accuracy_and_success_rates(tmp_path):
-    grid = _local_paths(
-        tmp_path, yaml.safe_load((ROOT / "configs/examples/text_tiny.yaml").read_text())
-    )
-    grid["output"] = str(tmp_path / "out")
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
-    runner = CliRunner()
-    submitted = runner.invoke(cli, ["submit", str(path), "--executor", "local"])
-    assert submitted.exit_code == 0, submitted.output
+    table, rows = run_generated_example("text_tiny.yaml", tmp_path)
     # model, data and resources were generated in their real formats, then read back
     generated = tmp_path / "generated/text-tiny"
     assert (generated / "distilbert-tiny/config.json").is_file()
     assert (generated / "rotten_tomatoes/rt-polaritydata/rt-polarity.neg").is_file()
-    table = runner.invoke(cli, ["collect", str(tmp_path / "out")])
-    assert table.exit_code == 0, table.output
-    flat = " ".join(table.output.split())  # the title wraps on a narrow terminal
-    assert "success rate %, lower is more robust" in flat and "Average" not in flat
-    rows = json.loads(
-        runner.invoke(
-            cli, ["collect", str(tmp_path / "out"), "--format", "json", "--per-run"]
-        ).output
-    )
+    assert "success rate %, lower is more robust" in table and "Average" not in table
     assert {row["label"] for row in rows} == {"AdamW", "SAM rho=0.05 (AdamW)"}
     for row in rows:
         assert row["state"] == "done" and set(row["robust"]) == {"PSO", "IGA"}

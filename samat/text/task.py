@@ -35,6 +35,7 @@ import torch
 
 from samat import attacks
 from samat.config import AttackSpec, ConfigError, RunConfig
+from samat.evaluate import store_clean
 from samat.store import RunDir, record_keys
 from samat.text.attack import AttackResult, example_seed, summarize
 from samat.text.data import (
@@ -421,7 +422,7 @@ class TextTask:
         }
         records: dict[str, dict[str, Any]] = {}
         key = keys["natural"]
-        records["natural"] = run.eval_record(key) or _store(
+        records["natural"] = run.eval_record(key) or store_clean(
             run,
             key,
             "Natural",
@@ -430,7 +431,7 @@ class TextTask:
         )
         subset = TokenizedSplit(test.inputs[index], test.labels[index])
         key = keys["natural_subset"]
-        records["natural_subset"] = run.eval_record(key) or _store(
+        records["natural_subset"] = run.eval_record(key) or store_clean(
             run,
             key,
             "Natural (attacked examples)",
@@ -495,29 +496,6 @@ def _make_attack(plan: AttackPlan, loaded: dict[tuple[str, Path], Any]) -> PSO |
         loaded[key] = load_counterfitted(plan.path)
     synonyms = EmbeddingSynonyms(loaded[key], plan.max_candidates, plan.max_distance)
     return IGA(synonyms, plan.settings)
-
-
-def _store(
-    run: RunDir,
-    key: str,
-    label: str,
-    fields: dict[str, Any],
-    compute: Callable[[], tuple[int, int]],
-) -> dict[str, Any]:
-    began = time.perf_counter()
-    correct, total = compute()
-    record = {
-        "key": key,
-        "label": label,
-        **fields,
-        "correct": correct,
-        "total": total,
-        "accuracy": correct / total,
-        "seconds": time.perf_counter() - began,
-        "finished": time.time(),
-    }
-    run.write_eval_record(record)
-    return record
 
 
 def _attack(
