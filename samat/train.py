@@ -459,7 +459,9 @@ def _epoch(
             group["lr"] = lr
         return lr
 
-    lr = first_lr = set_lr(position.step)
+    # the epoch's first step's lr, also when the epoch resumes at a later step
+    first_lr = base_lr * lr_factor(schedule, epoch, epochs, epoch * per_epoch, all_steps)
+    lr = set_lr(position.step)
     per_step = schedule.name in PER_STEP
     model.train()
     device = next(model.parameters()).device

@@ -422,6 +422,11 @@ def test_tiny_grid_trains_evaluates_and_resumes_exactly(tmp_path: Path) -> None:
     assert {k: again[k] for k in ("natural", "robust", "pixel_accuracy")} == {
         k: result[k] for k in ("natural", "robust", "pixel_accuracy")
     }
+    # the metrics of the resumed epoch read as the uninterrupted one's (poly lr per step)
+    same = ("epoch", "lr", "last_lr", "loss", "train_accuracy")
+    assert [{k: m[k] for k in same} for m in stopped.metrics()] == [
+        {k: m[k] for k in same} for m in straight.metrics()
+    ]
 
 
 def _weights(run: RunDir) -> dict[str, torch.Tensor]:
