@@ -11,7 +11,15 @@ import torch
 from PIL import Image
 
 from samat.config import ConfigError, DataConfig
-from samat.data import TINY_CACHE, DeviceLoader, Split, channel_stats, load_dataset
+from samat.data import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    TINY_CACHE,
+    DeviceLoader,
+    Split,
+    channel_stats,
+    load_dataset,
+)
 
 
 def test_digits_shapes_dtypes_and_stratified_split() -> None:
@@ -163,6 +171,9 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
     data = load_dataset(DataConfig(name="cifar100", root=tmp_path))
     assert data.train.labels.tolist() == [99, 0, 42, 7] and data.test.labels.tolist() == [5, 6]
     assert data.train.images[3, 0, 0, 1] == 9 and data.num_classes == 100
+    # CIFAR-100's published statistics and the natural-image augmentation
+    assert (data.mean, data.std) == (CIFAR100_MEAN, CIFAR100_STD)
+    assert (data.crop_padding, data.flip) == (4, True)
     with pytest.raises(ConfigError, match="no CIFAR-100 found"):
         load_dataset(DataConfig(name="cifar100", root=tmp_path / "cifar-10-batches-py"))
 
