@@ -21,7 +21,7 @@ from torch import nn
 from samat import attacks
 from samat.config import AttackSpec, RunConfig
 from samat.data import DeviceLoader, Split
-from samat.store import RunDir, record_keys
+from samat.store import RunDir, images_key, record_keys
 
 log = logging.getLogger("samat.evaluate")
 
@@ -87,12 +87,7 @@ def evaluate_run(
     device = next(model.parameters()).device
     index = subset_indices(len(test.labels), request.n_examples, request.subset_seed)
     keys = record_keys(config)
-    images_key = {
-        "n_examples": request.n_examples,
-        "subset_seed": request.subset_seed,
-        "seed": config.seed,
-        "checkpoint": checkpoint,
-    }
+    images = images_key(config, checkpoint)
     records: dict[str, dict[str, Any]] = {}
 
     def loader(split: Split) -> DeviceLoader:
@@ -112,7 +107,7 @@ def evaluate_run(
         run,
         key,
         "Natural (attacked images)",
-        {"kind": "clean", **images_key},
+        {"kind": "clean", **images},
         lambda: clean_accuracy(model, loader(subset)),
     )
     for spec in attacks.resolve(request.attacks):
@@ -122,7 +117,7 @@ def evaluate_run(
             if stop is not None:
                 stop.check()
             record = _attack(
-                run, key, spec, images_key, model, subset, index, config, num_classes, stop
+                run, key, spec, images, model, subset, index, config, num_classes, stop
             )
         records[attacks.label(spec)] = {**record, "label": attacks.label(spec)}
     return records

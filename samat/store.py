@@ -648,6 +648,18 @@ def _parse_piece(piece: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def images_key(config: RunConfig, checkpoint: str) -> dict[str, Any]:
+    """What decides which images an attack ran on and with which weights: part of every attacked
+    record's key and fields (n_examples as requested, subset_seed, the attack seed, last/best)."""
+    request = config.eval
+    return {
+        "n_examples": request.n_examples,
+        "subset_seed": request.subset_seed,
+        "seed": config.seed,
+        "checkpoint": checkpoint,
+    }
+
+
 def record_keys(config: RunConfig) -> dict[str, str]:
     """The evaluation records a run's request asks for, label -> key ("natural" and
     "natural_subset" first, then each attack). A key hashes what determines the number: the
@@ -657,12 +669,7 @@ def record_keys(config: RunConfig) -> dict[str, str]:
 
     request = config.eval
     checkpoint = request.checkpoint or config.train.keep
-    images = {
-        "n_examples": request.n_examples,
-        "subset_seed": request.subset_seed,
-        "seed": config.seed,
-        "checkpoint": checkpoint,
-    }
+    images = images_key(config, checkpoint)
     keys = {
         "natural": canonical_key({"clean": "all", "checkpoint": checkpoint}),
         "natural_subset": canonical_key({"clean": "subset", **images}),

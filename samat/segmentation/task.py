@@ -218,7 +218,7 @@ def evaluate_run(
     """What `config.eval` asks for and has no record yet, each record stored as it finishes;
     the records by label ("natural", "natural_subset", then each attack's label)."""
     from samat.evaluate import subset_indices
-    from samat.store import record_keys
+    from samat.store import images_key, record_keys
 
     request = config.eval
     specs = seg_attacks(config)
@@ -226,12 +226,7 @@ def evaluate_run(
     test = dataset.test
     index = subset_indices(len(test.masks), request.n_examples, request.subset_seed)
     subset = SegSplit(test.images[index], test.masks[index])
-    images_key = {
-        "n_examples": request.n_examples,
-        "subset_seed": request.subset_seed,
-        "seed": config.seed,
-        "checkpoint": checkpoint,
-    }
+    images = images_key(config, checkpoint)
     records: dict[str, dict[str, Any]] = {}
     num_classes = dataset.num_classes
     with eval_mode(model):
@@ -251,7 +246,7 @@ def evaluate_run(
             run,
             key,
             "Natural (attacked images)",
-            {"kind": "clean", **images_key},
+            {"kind": "clean", **images},
             model,
             subset,
             request.batch_size,
@@ -264,9 +259,7 @@ def evaluate_run(
             if record is None:
                 if stop is not None:
                     stop.check()
-                record = _attack(
-                    run, key, spec, images_key, model, subset, config, num_classes, stop
-                )
+                record = _attack(run, key, spec, images, model, subset, config, num_classes, stop)
             records[label] = {**record, "label": label}
     return records
 

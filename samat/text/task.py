@@ -36,7 +36,7 @@ import torch
 from samat import attacks
 from samat.config import AttackSpec, ConfigError, RunConfig
 from samat.evaluate import store_clean
-from samat.store import RunDir, record_keys
+from samat.store import RunDir, images_key, record_keys
 from samat.text.attack import AttackResult, example_seed, summarize
 from samat.text.data import (
     RT_FILES,
@@ -414,12 +414,7 @@ class TextTask:
         test = dataset.test
         index = subset_indices(len(test.labels), request.n_examples, request.subset_seed)
         keys = record_keys(config)
-        images_key = {
-            "n_examples": request.n_examples,
-            "subset_seed": request.subset_seed,
-            "seed": config.seed,
-            "checkpoint": checkpoint,
-        }
+        images = images_key(config, checkpoint)
         records: dict[str, dict[str, Any]] = {}
         key = keys["natural"]
         records["natural"] = run.eval_record(key) or store_clean(
@@ -435,7 +430,7 @@ class TextTask:
             run,
             key,
             "Natural (attacked examples)",
-            {"kind": "clean", **images_key},
+            {"kind": "clean", **images},
             lambda: _clean_accuracy(model, subset, request.batch_size),
         )
         all_examples = dataset.sentences.test.examples()
@@ -452,7 +447,7 @@ class TextTask:
                     stop.check()
                 plan.check_resource()
                 attack = _make_attack(plan, loaded)
-                fields = {"kind": "attack", "attack": attacks.canonical(plan.spec), **images_key}
+                fields = {"kind": "attack", "attack": attacks.canonical(plan.spec), **images}
                 record = _attack(
                     run, key, plan.label, fields, attack, victim, examples, config, stop
                 )
