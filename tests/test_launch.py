@@ -323,7 +323,9 @@ def test_select_runs_skips_done_and_live_runs(tmp_path: Path, slurm_bin) -> None
     # trained, with an attack added to the request: evaluation only, naming the missing attack
     extra = {"attack": "pgd", "eps": 0.1, "steps": 2, "label": "PGD"}
     request = runs[0].eval_request()
-    added = request.model_copy(update={"attacks": [*request.attacks, extra]})
+    added = type(request).model_validate(
+        {**request.model_dump(), "attacks": [*request.attacks, extra]}
+    )
     runs[0].set_eval_request(added)
     changed = dataclasses.replace(specs[0], config=runs[0].config())
     action = select_runs([changed, *specs[1:]])[specs[0].run_id]

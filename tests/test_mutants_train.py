@@ -479,3 +479,55 @@ def test_each_epoch_gets_its_own_batch_order(tmp_path, monkeypatch) -> None:
     assert seen[:3] != seen[3:]
     first, second = ([x for batch in epoch for x in batch] for epoch in (seen[:3], seen[3:]))
     assert sorted(first) == sorted(second)  # the same images, in another order
+
+
+def test_a_checkpoint_keeps_the_totals_the_best_epoch_and_the_samat_version(tmp_path) -> None:
+    """Kills: the running totals or the best epoch stored under another key (a resumed run would
+    report only the time since the resume and forget its best epoch); the version unrecorded."""
+    config = run_config()
+    rid = run_id(config)
+    run = prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = create(config.method, optimizer)
+    totals = {"train_seconds": 12.5, "images": 640, "steps": 20}
+    best = {"epoch": 1, "score": 0.75}
+    _save(run, config, model, optimizer, method, Position(epoch=2, totals=totals, best=best))
+    assert read_checkpoint(run.file(CHECKPOINT))[1]["samat"] == samat.__version__
+    position = _resume(run, config, model, optimizer, method, config.train.epochs)
+    assert (position.epoch, position.totals, position.best) == (2, totals, best)
+
+
+def test_result_json_times_and_device(tmp_path, monkeypatch) -> None:
+    """Kills: a record without `seconds` counted as anything but 0; the images/s floor of 1e-9 s
+    raised to 1 s; the GPU's name not asked of the run's device; torch's build left out."""
+    config = run_config()
+    rid = run_id(config)
+    run = prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
+    records = {
+        "natural": {"key": "k0", "accuracy": 0.9, "total": 64},  # written before `seconds` was
+        "FGSM": {"key": "k2", "accuracy": 0.4, "total": 32, "seconds": 2.0},
+    }
+    totals = {"train_seconds": 0.5, "images": 100, "steps": 4}
+    method = create(config.method, torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"GPU of {device}")
+    summary = {"metric": "accuracy", "natural": 0.9}
+    result = _result(run, config, summary, records, totals, method, "last", torch.device("cuda:1"))
+    assert result["eval_seconds"] == 2.0
+    assert result["images_per_second"] == 200.0
+    assert result["device"] == "GPU of cuda:1"
+    assert result["versions"]["torch_build"] == torch.__version__
+
+
+def test_build_carves_the_validation_split_and_passes_size_width_and_layout() -> None:
+    """Kills: the training set keeping the validation images; the image size or width not
+    passed to the model (DeiT's patch size and embedding follow them); channels_last dropped."""
+    train = {**TINY_BASE["train"], "validation": {"size": 32}, "channels_last": True}
+    dataset, model = samat.train.build(run_config(train=train), torch.device("cpu"))
+    assert (len(dataset.train.labels), len(dataset.validation.labels)) == (512 - 32, 32)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+    _, deit = samat.train.build(run_config(model={"name": "deit_tiny", "width": 64}), "cpu")
+    proj = deit[1].patch_embed.proj  # after the Normalize layer
+    assert (proj.kernel_size, proj.out_channels) == ((1, 1), 64)  # 8x8 digits, 8x8 patches

@@ -581,17 +581,18 @@ def evaluate_runs(
                 for a in attacks
                 if attack_registry.label(attack_registry.resolve([a])[0]) not in known
             ]
-            update = {"attacks": [*request.attacks, *added]}
+            wanted = request.model_dump(mode="json")
+            wanted["attacks"] += [
+                a if isinstance(a, str) else a.model_dump(mode="json") for a in added
+            ]
             if n_examples is not None:
-                update["n_examples"] = n_examples
+                wanted["n_examples"] = n_examples
             # validated with the run's training config (an attack must fit the run's task)
             # before any request is written
-            new = request.model_copy(update=update)
-            validate_run(
-                {**run.training_config(), "eval": new.model_dump(mode="json")},
-                f"{run.path} (samat eval)",
+            checked = validate_run(
+                {**run.training_config(), "eval": wanted}, f"{run.path} (samat eval)"
             )
-            changes.append((run, new))
+            changes.append((run, checked.eval))
         todo = []
         for run, new in changes:
             run.set_eval_request(new)
