@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import step_cost  # noqa: E402
+from benchmarks import autoattack_compare, step_cost  # noqa: E402
 from benchmarks.figures import Figure, table  # noqa: E402
 from benchmarks.step_cost import Primitives, cases, floor  # noqa: E402
 
@@ -61,9 +61,19 @@ def test_figures_compare_measured_with_floor_and_sgd():
         "methods": {
             "SGD": {"vs_sgd": 1.0, "vs_floor": 1.02, "passes_per_step": 1.0},
             "SAM": {"vs_sgd": 2.1, "vs_floor": 1.07, "passes_per_step": 2.0},
+            "LookSAM k=5": {"vs_sgd": 1.31, "vs_floor": 1.0, "passes_per_step": 1.2},
         }
     }
     figures = {f.name: f for f in step_cost.figures(result)}
+    # LookSAM k = 5 has the issue's own target: at most 1.3x SGD's step
+    assert (
+        figures["LookSAM k=5 step cost vs SGD"].target,
+        figures["LookSAM k=5 step cost vs SGD"].ok,
+    ) == ("<= 1.3", False)
+    aa = {"time_ratio": 1.06, "samat_robust": 0.5, "official_robust": 0.5}
+    time_figure = autoattack_compare.figures(aa)[0]
+    assert (time_figure.target, time_figure.ok) == ("<= 1.05", False)
+    assert autoattack_compare.figures({**aa, "time_ratio": 0.9})[0].ok is True
     assert figures["SGD measured/floor"].ok is True
     assert figures["SAM measured/floor"].ok is False
     assert figures["SAM step cost vs SGD"].text == "x2.10"
