@@ -498,9 +498,10 @@ def test_a_checkpoint_keeps_the_totals_the_best_epoch_and_the_samat_version(tmp_
     assert (position.epoch, position.totals, position.best) == (2, totals, best)
 
 
-def test_result_json_times_and_device(tmp_path, monkeypatch) -> None:
+def test_result_json_times_and_device(tmp_path, monkeypatch, caplog) -> None:
     """Kills: a record without `seconds` counted as anything but 0; the images/s floor of 1e-9 s
-    raised to 1 s; the GPU's name not asked of the run's device; torch's build left out."""
+    raised to 1 s; the GPU's name not asked of the run's device; torch's build left out; the
+    closing log line without its metric."""
     config = run_config()
     rid = run_id(config)
     run = prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
@@ -512,7 +513,10 @@ def test_result_json_times_and_device(tmp_path, monkeypatch) -> None:
     method = create(config.method, torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"GPU of {device}")
     summary = {"metric": "accuracy", "natural": 0.9}
-    result = _result(run, config, summary, records, totals, method, "last", torch.device("cuda:1"))
+    with caplog.at_level(logging.INFO, logger="samat.train"):
+        device = torch.device("cuda:1")
+        result = _result(run, config, summary, records, totals, method, "last", device)
+    assert caplog.messages == ["natural accuracy 0.9000; done in 0.5s train + 2.0s eval"]
     assert result["eval_seconds"] == 2.0
     assert result["images_per_second"] == 200.0
     assert result["device"] == "GPU of cuda:1"
@@ -531,3 +535,65 @@ def test_build_carves_the_validation_split_and_passes_size_width_and_layout() ->
     _, deit = samat.train.build(run_config(model={"name": "deit_tiny", "width": 64}), "cpu")
     proj = deit[1].patch_embed.proj  # after the Normalize layer
     assert (proj.kernel_size, proj.out_channels) == ((1, 1), 64)  # 8x8 digits, 8x8 patches
+
+
+def _fake_validation_attack(monkeypatch, score: float) -> list[dict]:
+    """attacks.evaluate replaced: records what it was given and returns `score`."""
+    calls: list[dict] = []
+
+    def evaluate(model, images, labels, specs, **kwargs):
+        calls.append({"images": images, "labels": labels, **kwargs})
+        return {label(specs[0]): score}
+
+    monkeypatch.setattr(samat.train.attacks, "evaluate", evaluate)
+    return calls
+
+
+def test_validation_attacks_the_held_out_images_scaled_to_0_1(tmp_path, monkeypatch) -> None:
+    """Kills: the held-out images divided by 256, or the class count not passed to the attack;
+    the best checkpoint's score, run id or samat version stored under another key."""
+    run, config, dataset, model = _validation_setup(tmp_path, every=1)
+    calls = _fake_validation_attack(monkeypatch, 0.5)
+    _validate(run, config, dataset, model, Position(epoch=1))
+    (call,) = calls
+    assert torch.equal(call["images"], dataset.validation.images.float() / 255)
+    assert torch.equal(call["labels"], dataset.validation.labels)
+    assert call["num_classes"] == 3
+    meta = read_checkpoint(run.file(CHECKPOINT_BEST))[1]
+    assert {k: meta[k] for k in ("epoch", "score", "run_id", "samat")} == {
+        "epoch": 1,
+        "score": 0.5,
+        "run_id": run_id(config),
+        "samat": samat.__version__,
+    }
+
+
+def test_a_tie_keeps_the_earlier_best_and_the_collapse_is_strictly_below(
+    tmp_path, monkeypatch
+) -> None:
+    """Kills: a tie with the best score taking over the best epoch; a score of exactly
+    collapse_ratio x best counted as a collapse; the ratio divided by the best score."""
+    run, config, dataset, model = _validation_setup(tmp_path, every=1)
+    _fake_validation_attack(monkeypatch, 0.25)
+    position = Position(epoch=2, best={"epoch": 1, "score": 0.5})  # 0.25 == 0.5 x 0.5
+    _validate(run, config, dataset, model, position)
+    assert run.state().catastrophic_overfitting_epoch is None
+    position = Position(epoch=3, best={"epoch": 1, "score": 0.25})
+    _validate(run, config, dataset, model, position)
+    assert position.best == {"epoch": 1, "score": 0.25}
+    assert not run.file(CHECKPOINT_BEST).exists()
+    _fake_validation_attack(monkeypatch, 0.5)  # 0.5 >= 0.5 x 0.9, but below 0.5 / 0.9
+    _validate(run, config, dataset, model, Position(epoch=4, best={"epoch": 1, "score": 0.9}))
+    assert run.state().catastrophic_overfitting_epoch is None
+
+
+def test_validation_runs_at_the_last_epoch_of_an_iterations_run(tmp_path, monkeypatch) -> None:
+    """Kills: the last epoch taken from `train.epochs` when the run counts iterations (5 steps
+    of 2 batches an epoch: 3 epochs, the third validated although `every` is 2)."""
+    run, config, dataset, model = _validation_setup(tmp_path)
+    train = {**config.train.model_dump(exclude={"epochs"}), "iterations": 5}
+    counted = run_config(method=config.method.model_dump(), train=train)
+    _fake_validation_attack(monkeypatch, 0.5)
+    loader = [None, None]  # only its length is read
+    assert _validate(run, counted, dataset, model, Position(epoch=1), loader) == {}
+    assert _validate(run, counted, dataset, model, Position(epoch=3), loader) != {}
