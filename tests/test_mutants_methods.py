@@ -19,7 +19,7 @@ from samat.methods import (
     pgd,
 )
 from samat.methods.adversarial import AdversarialTraining
-from samat.methods.base import classification_loss
+from samat.methods.base import IGNORE_INDEX, classification_loss, cross_entropy
 
 # A bias-free linear model on 4 pixels with class rows w0 = 0 and w1 = D. Its cross-entropy has
 # the input gradient (p1 - [y == 1]) * D: +p1 D for label 0, -p0 D for label 1. So one PGD step
@@ -324,3 +324,28 @@ def test_standard_training_clears_stale_gradients() -> None:
     StandardTraining(optimizer).step(model, IMAGES, LABELS)
     assert unused.grad is None
     assert torch.equal(unused.detach(), torch.ones(3))
+
+
+def test_per_pixel_cross_entropy_per_example_is_each_images_mean_over_its_counted_pixels() -> None:
+    """Kills, in `cross_entropy(reduction="none")` for [N, C, H, W] logits (ESAM's per-example
+    loss on segmentation): the branch skipped, the division turned into a product, the sums
+    taken over other dimensions."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 2, 3)
+    masks = torch.randint(0, 4, (3, 2, 3))
+    masks[0] = IGNORE_INDEX
+    masks[0, 1, 2] = 1  # image 0 has one counted pixel
+    masks[2] = IGNORE_INDEX  # image 2 has none: its loss is 0
+    per_pixel = nn.functional.cross_entropy(
+        logits, masks, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    expected = torch.stack([per_pixel[0, 1, 2], per_pixel[1].mean(), torch.tensor(0.0)])
+    got = cross_entropy(logits, masks, reduction="none")
+    assert got.shape == (3,)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(
+        cross_entropy(logits, masks), per_pixel[masks != IGNORE_INDEX].mean()
+    )
+    torch.testing.assert_close(cross_entropy(logits, masks, reduction="sum"), per_pixel.sum())
+    with pytest.raises(ValueError, match="reduction must be"):
+        cross_entropy(logits, masks, reduction="max")
