@@ -111,6 +111,19 @@ def test_adam_gets_its_lr_and_weight_decay() -> None:
     assert model.weight.item() == pytest.approx(1.0 - 0.01)
 
 
+def test_adamw_gets_its_params_lr_and_decoupled_weight_decay() -> None:
+    """Kills: AdamW built without the model's parameters or without its weight decay."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    optimizer = make_optimizer(OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.5), model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    model.weight.grad = torch.zeros_like(model.weight)
+    optimizer.step()
+    # a zero gradient makes no Adam move: only the decoupled decay w <- w (1 - lr wd)
+    assert model.weight.item() == pytest.approx(1.0 - 0.01 * 0.5)
+
+
 # -- threads and determinism ----------------------------------------------------------------------
 
 
@@ -479,11 +492,18 @@ def test_each_epoch_gets_its_own_batch_order(tmp_path, monkeypatch) -> None:
     assert seen[:3] != seen[3:]
     first, second = ([x for batch in epoch for x in batch] for epoch in (seen[:3], seen[3:]))
     assert sorted(first) == sorted(second)  # the same images, in another order
+    # the images of both epochs counted (images/s is taken from this total)
+    result = run.result()
+    assert result["steps"] == 6
+    assert result["images_per_second"] * result["train_seconds"] == pytest.approx(2 * 96)
 
 
-def test_a_checkpoint_keeps_the_totals_the_best_epoch_and_the_samat_version(tmp_path) -> None:
+def test_a_checkpoint_keeps_the_totals_the_best_epoch_and_the_samat_version(
+    tmp_path, caplog
+) -> None:
     """Kills: the running totals or the best epoch stored under another key (a resumed run would
-    report only the time since the resume and forget its best epoch); the version unrecorded."""
+    report only the time since the resume and forget its best epoch); the version unrecorded;
+    the resume log line of an epoch boundary naming a step."""
     config = run_config()
     rid = run_id(config)
     run = prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
@@ -492,10 +512,12 @@ def test_a_checkpoint_keeps_the_totals_the_best_epoch_and_the_samat_version(tmp_
     method = create(config.method, optimizer)
     totals = {"train_seconds": 12.5, "images": 640, "steps": 20}
     best = {"epoch": 1, "score": 0.75}
-    _save(run, config, model, optimizer, method, Position(epoch=2, totals=totals, best=best))
+    _save(run, config, model, optimizer, method, Position(epoch=1, totals=totals, best=best))
     assert read_checkpoint(run.file(CHECKPOINT))[1]["samat"] == samat.__version__
-    position = _resume(run, config, model, optimizer, method, config.train.epochs)
-    assert (position.epoch, position.totals, position.best) == (2, totals, best)
+    with caplog.at_level(logging.INFO, logger="samat.train"):
+        position = _resume(run, config, model, optimizer, method, config.train.epochs)
+    assert (position.epoch, position.totals, position.best) == (1, totals, best)
+    assert caplog.messages == [f"resumed from epoch 1 (checkpoint {run.file(CHECKPOINT)})"]
 
 
 def test_result_json_times_and_device(tmp_path, monkeypatch, caplog) -> None:
