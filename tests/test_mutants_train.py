@@ -99,29 +99,25 @@ def test_sgd_step_with_momentum_weight_decay_and_nesterov_by_hand() -> None:
     assert model.weight.item() == pytest.approx(w)
 
 
-def test_adam_gets_its_lr_and_weight_decay() -> None:
+@pytest.mark.parametrize(
+    ("name", "kind", "expected"),
+    [
+        # Adam: the first step moves by lr * sign(g + wd * w) whatever the size of g + wd * w
+        ("adam", torch.optim.Adam, 1.0 - 0.01),
+        # AdamW: a zero gradient makes no Adam move, only the decoupled decay w <- w (1 - lr wd)
+        ("adamw", torch.optim.AdamW, 1.0 - 0.01 * 0.5),
+    ],
+)
+def test_adam_and_adamw_get_their_params_lr_and_weight_decay(name, kind, expected) -> None:
+    """Kills: Adam or AdamW built without the model's parameters, its lr or its weight decay."""
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    optimizer = make_optimizer(OptimizerConfig(name="adam", lr=0.01, weight_decay=0.5), model)
-    assert isinstance(optimizer, torch.optim.Adam)
+    optimizer = make_optimizer(OptimizerConfig(name=name, lr=0.01, weight_decay=0.5), model)
+    assert type(optimizer) is kind
     model.weight.grad = torch.zeros_like(model.weight)
     optimizer.step()
-    # the first Adam step moves by lr * sign(g + wd * w) whatever the size of g + wd * w
-    assert model.weight.item() == pytest.approx(1.0 - 0.01)
-
-
-def test_adamw_gets_its_params_lr_and_decoupled_weight_decay() -> None:
-    """Kills: AdamW built without the model's parameters or without its weight decay."""
-    model = nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    optimizer = make_optimizer(OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.5), model)
-    assert isinstance(optimizer, torch.optim.AdamW)
-    model.weight.grad = torch.zeros_like(model.weight)
-    optimizer.step()
-    # a zero gradient makes no Adam move: only the decoupled decay w <- w (1 - lr wd)
-    assert model.weight.item() == pytest.approx(1.0 - 0.01 * 0.5)
+    assert model.weight.item() == pytest.approx(expected)
 
 
 # -- threads and determinism ----------------------------------------------------------------------
