@@ -292,15 +292,20 @@ def test_slurm_job_id(monkeypatch, env: dict[str, str], expected: str | None) ->
     assert slurm_job_id() == expected
 
 
-def test_a_mid_epoch_checkpoint_resumes_at_its_step(tmp_path) -> None:
-    """Kills: the step of a mid-epoch checkpoint not written under "step" (the resumed run
-    would replay the epoch from its first batch)."""
+def _checkpoint_setup(tmp_path):
+    """A prepared SGD run directory and a tiny model, optimizer and method to checkpoint."""
     config = run_config()
     rid = run_id(config)
     run = prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    method = create(config.method, optimizer)
+    return config, run, model, optimizer, create(config.method, optimizer)
+
+
+def test_a_mid_epoch_checkpoint_resumes_at_its_step(tmp_path) -> None:
+    """Kills: the step of a mid-epoch checkpoint not written under "step" (the resumed run
+    would replay the epoch from its first batch)."""
+    config, run, model, optimizer, method = _checkpoint_setup(tmp_path)
     partial = {"loss": 1.5, "correct": 3, "seen": 6, "seconds": 0.5}
     _save(run, config, model, optimizer, method, Position(epoch=1, step=3, partial=partial))
     position = _resume(run, config, model, optimizer, method, config.train.epochs)
@@ -500,12 +505,7 @@ def test_a_checkpoint_keeps_the_totals_the_best_epoch_and_the_samat_version(
     """Kills: the running totals or the best epoch stored under another key (a resumed run would
     report only the time since the resume and forget its best epoch); the version unrecorded;
     the resume log line of an epoch boundary naming a step."""
-    config = run_config()
-    rid = run_id(config)
-    run = prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
-    model = nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    method = create(config.method, optimizer)
+    config, run, model, optimizer, method = _checkpoint_setup(tmp_path)
     totals = {"train_seconds": 12.5, "images": 640, "steps": 20}
     best = {"epoch": 1, "score": 0.75}
     _save(run, config, model, optimizer, method, Position(epoch=1, totals=totals, best=best))
