@@ -347,5 +347,7 @@ def test_per_pixel_cross_entropy_per_example_is_each_images_mean_over_its_counte
         cross_entropy(logits, masks), per_pixel[masks != IGNORE_INDEX].mean()
     )
     torch.testing.assert_close(cross_entropy(logits, masks, reduction="sum"), per_pixel.sum())
+    # a batch with a single counted pixel: the mean is that pixel's loss
+    torch.testing.assert_close(cross_entropy(logits[:1], masks[:1]), per_pixel[0, 1, 2])
     with pytest.raises(ValueError, match="reduction must be"):
         cross_entropy(logits, masks, reduction="max")
