@@ -44,7 +44,7 @@ from samat.train import (
     thread_count,
     validation_attack,
 )
-from tests.conftest import TINY_BASE
+from tests.conftest import TINY_BASE, set_state
 
 
 def run_config(**changes: object):
@@ -615,3 +615,129 @@ def test_validation_runs_at_the_last_epoch_of_an_iterations_run(tmp_path, monkey
     loader = [None, None]  # only its length is read
     assert _validate(run, counted, dataset, model, Position(epoch=1), loader) == {}
     assert _validate(run, counted, dataset, model, Position(epoch=3), loader) != {}
+
+
+# -- survivors of a full train.py mutmut run (2026-11-27, fourth session) -------------------------
+
+
+def test_linear_decay_after_a_one_step_warmup() -> None:
+    """Kills: the linear decay's denominator floored at 2 (steps 2, warm-up 1: the second step
+    is the decay's first, at the full lr)."""
+    schedule = ScheduleConfig(name="linear", warmup_ratio=0.5)
+    assert [lr_factor(schedule, 0, 1, step, 2) for step in range(2)] == [0.0, 1.0]
+
+
+def _many_step_run(tmp_path, **train: object):
+    data = copy.deepcopy(TINY_BASE)
+    data["data"] = {**data["data"], "train_size": 96, "test_size": 16}
+    data["train"] = {**data["train"], "epochs": 1, "batch_size": 4, **train}
+    data["eval"]["attacks"] = []
+    config = validate_run(data)
+    rid = run_id(config)
+    return prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
+
+
+def test_a_nan_loss_stops_training_within_the_check_interval(tmp_path, monkeypatch) -> None:
+    """Kills: the device-side NaN flag read only at the end of the epoch (24 steps) instead of
+    every NAN_CHECK_EVERY steps; an exception without a message recorded under another name."""
+    run = _many_step_run(tmp_path)
+    real_create, steps = samat.train.methods.create, []
+
+    def create_(*args, **kwargs):
+        method = real_create(*args, **kwargs)
+        step = method.step
+
+        def poisoned(model, images, labels):
+            steps.append(1)
+            out = step(model, images, labels)
+            return type(out)(out.loss * math.nan if len(steps) == 2 else out.loss, out.logits)
+
+        method.step = poisoned
+        return method
+
+    monkeypatch.setattr(samat.train.methods, "create", create_)
+    with pytest.raises(TrainingError, match="epoch 1 step 2;"):
+        execute(run.path)
+    assert len(steps) == samat.train.NAN_CHECK_EVERY
+    assert run.state().state == "failed"
+
+    class Silent(RuntimeError):
+        pass
+
+    def fail():
+        raise Silent()
+
+    monkeypatch.setattr(samat.train, "pick_device", fail)
+    with pytest.raises(Silent):
+        execute(run.path)
+    assert (run.state().error, run.state().failure) == ("Silent", "infra")
+
+
+def test_the_interruption_carries_its_signal(tmp_path, monkeypatch) -> None:
+    """Kills: the signal number dropped from the Interrupted a mid-epoch stop raises."""
+    run = _one_epoch_run(tmp_path)
+    stop = StopFlag()
+    _wrapped_create(monkeypatch, lambda n, _: stop.set(10) if n == 1 else None)
+    with pytest.raises(Interrupted) as raised:
+        execute(run.path, stop=stop)
+    assert raised.value.signum == 10
+
+
+def test_compile_wraps_the_model_and_the_wrapper_takes_every_step(tmp_path, monkeypatch) -> None:
+    """Kills: torch.compile handed something else than the model; the compiled module not the
+    one the method steps (train.compile would then compile and never use it)."""
+    run = _many_step_run(tmp_path, batch_size=32, compile=True)
+    compiled, calls = [], []
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.inner(x)
+
+    def compile_(model, *args, **kwargs):
+        compiled.append(model)
+        return Wrapper(model)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    execute(run.path)
+    assert len(compiled) == 1 and isinstance(compiled[0], nn.Module)
+    assert not isinstance(compiled[0], Wrapper)
+    assert calls == [32, 32, 32]  # every training step, and nothing else (eval uses the module)
+    tensors = read_checkpoint(run.file(CHECKPOINT))[0]
+    assert any(k.startswith("model.") for k in tensors)  # the plain module's keys
+    assert not any("inner" in k for k in tensors)
+
+
+def test_a_final_checkpoint_without_the_trained_mark_gets_it(tmp_path) -> None:
+    """Kills: the trained mark set only when it was already set (a task killed between the last
+    checkpoint and the mark would otherwise stay untrained)."""
+    run = _one_epoch_run(tmp_path)
+    execute(run.path)
+    set_state(run, trained=False)
+    execute(run.path)
+    assert run.state().trained
+
+
+def test_the_start_log_names_method_data_and_epochs(tmp_path) -> None:
+    """Kills: the data set's name left out of the run's opening log line."""
+    run = _one_epoch_run(tmp_path)
+    execute(run.path)
+    assert "standard on digits, 1 epochs from epoch 0" in run.file("log").read_text()
+
+
+def test_an_iterations_run_validates_at_its_last_epoch(tmp_path) -> None:
+    """Kills: training's validation not told the loader (the last epoch then taken from
+    train.epochs, not from the iterations)."""
+    data = copy.deepcopy(TINY_BASE)
+    data["data"] = {**data["data"], "train_size": 96, "test_size": 16}
+    data["train"] = {k: v for k, v in data["train"].items() if k != "epochs"}
+    data["train"].update(iterations=7, validation={"size": 16, "every": 2})
+    data["eval"]["attacks"] = []
+    config = validate_run(data)
+    run = prepare(RunSpec(run_id(config), config, "SGD", tmp_path / run_id(config)))
+    execute(run.path)  # 80 images in batches of 32: 3 steps an epoch, 3 epochs
+    assert [("val_accuracy" in m) for m in run.metrics()] == [False, True, True]
