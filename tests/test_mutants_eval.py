@@ -252,3 +252,40 @@ def test_corruptions_are_one_whole_subset_record(tmp_path) -> None:
 def test_default_alpha_is_a_quarter_for_linf_and_an_eighth_for_l2() -> None:
     assert default_alpha("linf", 0.4) == pytest.approx(0.1)
     assert default_alpha("l2", 0.4) == pytest.approx(0.05)
+
+
+def test_attack_builders_get_the_runs_classes_seed_batch_size_and_positions(
+    tmp_path, monkeypatch
+) -> None:
+    """Kills: the per-batch attack built without the task's class count or the run's seed
+    (AutoAttack, FAB and Square read them); corruptions evaluated at another batch size, with
+    seed 0, or without the test-set positions of the subset (CIFAR-10-C rows are read by them)."""
+    from samat.attacks import corruptions, runner
+
+    corruption = {"attack": "corruptions", "label": "C", "options": {"severities": [1]}}
+    run = make_run(tmp_path, [FGSM, corruption], n_examples=6, subset_seed=3)
+    config = run.config().model_copy(update={"seed": 7})
+    built, measured = [], []
+    real_build = runner.build
+
+    def build(spec, model, **kwargs):
+        built.append(kwargs)
+        return real_build(spec, model, **kwargs)
+
+    def corruption_accuracy(model, images, labels, **kwargs):
+        measured.append(kwargs)
+        return {"accuracy": 0.5, "source": "generated"}
+
+    monkeypatch.setattr(runner, "build", build)
+    monkeypatch.setattr(corruptions, "corruption_accuracy", corruption_accuracy)
+    evaluate_run(run, config, Lookup(), split(), num_classes=CLASSES, checkpoint="last")
+    assert built == [{"num_classes": CLASSES, "seed": 7}]
+    assert measured == [
+        {
+            "indices": subset_indices(N, 6, 3).tolist(),
+            "batch_size": 3,
+            "seed": 7,
+            "severities": [1],
+        }
+    ]
+    assert subset_indices(N, 6, 3).tolist() != list(range(6))
