@@ -741,3 +741,32 @@ def test_an_iterations_run_validates_at_its_last_epoch(tmp_path) -> None:
     run = prepare(RunSpec(run_id(config), config, "SGD", tmp_path / run_id(config)))
     execute(run.path)  # 80 images in batches of 32: 3 steps an epoch, 3 epochs
     assert [("val_accuracy" in m) for m in run.metrics()] == [False, True, True]
+
+
+def test_a_terminal_gets_a_transient_bar_that_training_advances_and_stops(
+    tmp_path, monkeypatch
+) -> None:
+    """Kills: a bar drawn into a batch job's log (no terminal) or none on a terminal; the elapsed
+    time column or `transient` dropped; the bar not advanced per step or left running."""
+    import io
+    import sys
+
+    from rich.progress import Progress, TimeElapsedColumn
+
+    assert samat.train._progress_bar() is None  # pytest's captured stdout is no terminal
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    real, bars = samat.train._progress_bar, []
+    monkeypatch.setattr(samat.train, "_progress_bar", lambda: bars.append(real()) or bars[-1])
+    run = _one_epoch_run(tmp_path)
+    execute(run.path)
+    (bar,) = bars
+    assert isinstance(bar, Progress) and bar.live.transient is True
+    assert not bar.live.is_started
+    assert any(isinstance(column, TimeElapsedColumn) for column in bar.columns)
+    (task,) = bar.tasks
+    assert (task.completed, task.total, task.description) == (3, 3, "epoch 1/1")
