@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -637,10 +638,8 @@ def _many_step_run(tmp_path, **train: object):
     return prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
 
 
-def test_a_nan_loss_stops_training_within_the_check_interval(tmp_path, monkeypatch) -> None:
-    """Kills: the device-side NaN flag read only at the end of the epoch (24 steps) instead of
-    every NAN_CHECK_EVERY steps; an exception without a message recorded under another name."""
-    run = _many_step_run(tmp_path)
+def _poisoned_losses(monkeypatch) -> list[int]:
+    """Every training step's loss made NaN (after the step); returns the step count so far."""
     real_create, steps = samat.train.methods.create, []
 
     def create_(*args, **kwargs):
@@ -650,15 +649,29 @@ def test_a_nan_loss_stops_training_within_the_check_interval(tmp_path, monkeypat
         def poisoned(model, images, labels):
             steps.append(1)
             out = step(model, images, labels)
-            return type(out)(out.loss * math.nan if len(steps) == 2 else out.loss, out.logits)
+            return type(out)(out.loss * math.nan, out.logits)
 
         method.step = poisoned
         return method
 
     monkeypatch.setattr(samat.train.methods, "create", create_)
-    with pytest.raises(TrainingError, match="epoch 1 step 2;"):
+    return steps
+
+
+@pytest.mark.parametrize("batch_size, taken", [(4, 8), (32, 3)])
+def test_a_nan_loss_stops_training_within_the_check_interval(
+    tmp_path, monkeypatch, batch_size: int, taken: int
+) -> None:
+    """Kills: the device-side NaN flag read only at the end of the epoch (24 steps) instead of
+    every NAN_CHECK_EVERY (8) steps, or not at the last step of a shorter epoch (3 steps); a later
+    NaN overwriting the first one's step; an exception without a message recorded under another
+    name."""
+    assert samat.train.NAN_CHECK_EVERY == 8
+    run = _many_step_run(tmp_path, batch_size=batch_size)
+    steps = _poisoned_losses(monkeypatch)
+    with pytest.raises(TrainingError, match="epoch 1 step 1;"):
         execute(run.path)
-    assert len(steps) == samat.train.NAN_CHECK_EVERY
+    assert len(steps) == taken
     assert run.state().state == "failed"
 
     class Silent(RuntimeError):
@@ -770,3 +783,60 @@ def test_a_terminal_gets_a_transient_bar_that_training_advances_and_stops(
     assert any(isinstance(column, TimeElapsedColumn) for column in bar.columns)
     (task,) = bar.tasks
     assert (task.completed, task.total, task.description) == (3, 3, "epoch 1/1")
+
+
+def test_the_epoch_loss_and_accuracy_are_over_every_batch(tmp_path, monkeypatch) -> None:
+    """Kills: the epoch's loss sum, correct count or counted examples replaced by the last
+    batch's; the accuracy's argmax taken over the flattened logits."""
+    real_create, outs = samat.train.methods.create, []
+
+    def create_(*args, **kwargs):
+        method = real_create(*args, **kwargs)
+        step = method.step
+
+        def kept(model, images, labels):
+            out = step(model, images, labels)
+            outs.append((float(out.loss), int((out.logits.argmax(1) == labels).sum()), len(labels)))
+            return out
+
+        method.step = kept
+        return method
+
+    monkeypatch.setattr(samat.train.methods, "create", create_)
+    run = _many_step_run(tmp_path, batch_size=40)  # 96 images: batches of 40, 40 and 16
+    execute(run.path)
+    assert [n for *_, n in outs] == [40, 40, 16]
+    (record,) = run.metrics()
+    assert record["loss"] == pytest.approx(sum(loss * n for loss, _, n in outs) / 96, rel=1e-6)
+    assert record["train_accuracy"] == sum(hits for _, hits, _ in outs) / 96
+    assert 0 < record["train_accuracy"] < 1
+
+
+def test_a_resumed_epoch_adds_the_seconds_spent_before_the_stop(tmp_path, monkeypatch) -> None:
+    """Kills: the seconds an interrupted epoch had spent dropped on resume (read under another
+    key), or a fresh epoch starting at 1 s instead of 0."""
+    from samat.store import write_checkpoint
+
+    run = _one_epoch_run(tmp_path)
+    stop = StopFlag()
+    _wrapped_create(monkeypatch, lambda n, _: stop.set(15) if n == 1 else None)
+    with pytest.raises(Interrupted):
+        execute(run.path, stop=stop)
+    monkeypatch.undo()
+    tensors, meta = read_checkpoint(run.file(CHECKPOINT))
+    meta["partial"]["seconds"] = 100.0
+    write_checkpoint(run.file(CHECKPOINT), tensors, meta)
+    execute(run.path)
+    assert 100 < run.metrics()[0]["seconds"] < 160
+
+    config, run, *_ = _checkpoint_setup(tmp_path / "fresh")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = create(config.method, optimizer)
+    split = Split(torch.zeros(8, 1, 1, 2, dtype=torch.uint8), torch.tensor([0, 1] * 4))
+    loader = DeviceLoader(split, 4, device=torch.device("cpu"), shuffle=False)
+    began = time.perf_counter()
+    record = samat.train._epoch(
+        run, config, model, optimizer, method, loader, Position(), None, (None, None)
+    )
+    assert record["seconds"] <= time.perf_counter() - began
