@@ -686,14 +686,71 @@ def test_a_nan_loss_stops_training_within_the_check_interval(
     assert (run.state().error, run.state().failure) == ("Silent", "infra")
 
 
-def test_the_interruption_carries_its_signal(tmp_path, monkeypatch) -> None:
-    """Kills: the signal number dropped from the Interrupted a mid-epoch stop raises."""
-    run = _one_epoch_run(tmp_path)
+def test_a_stop_checkpoints_the_method_and_logs_its_signal(tmp_path, monkeypatch, caplog) -> None:
+    """Kills: the signal number dropped from the Interrupted a mid-epoch stop raises or from its
+    log line, the line's step off by one; the method's state (LookSAM's stored gradient
+    component) left out of the mid-epoch checkpoint; its seconds stored under another key or
+    with a sign flipped."""
+    run = _many_step_run(tmp_path, batch_size=32)
+    config = run.config()
+    looksam = config.model_copy(
+        update={"method": run_config(method={"name": "looksam", "k": 2}).method}
+    )
+    run = prepare(RunSpec(run_id(looksam), looksam, "LookSAM", tmp_path / "looksam"))
     stop = StopFlag()
     _wrapped_create(monkeypatch, lambda n, _: stop.set(10) if n == 1 else None)
-    with pytest.raises(Interrupted) as raised:
+    with caplog.at_level(logging.INFO, logger="samat.train"), pytest.raises(Interrupted) as raised:
         execute(run.path, stop=stop)
     assert raised.value.signum == 10
+    assert "checkpointed at epoch 0 step 1 on signal 10" in caplog.messages
+    tensors, meta = read_checkpoint(run.file(CHECKPOINT))
+    assert any(key.startswith("method.") for key in tensors)
+    assert 0 < meta["partial"]["seconds"] < 60
+
+
+def test_a_stop_during_the_last_step_lets_the_epoch_finish(tmp_path, monkeypatch) -> None:
+    """Kills: a stop during an epoch's last step checkpointing mid-epoch (at step n of n) instead
+    of letting the epoch end; a NaN seen at a stop reported without its epoch."""
+    config, run, *_ = _checkpoint_setup(tmp_path)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    split = Split(torch.zeros(8, 1, 1, 2, dtype=torch.uint8), torch.tensor([0, 1] * 4))
+    loader = DeviceLoader(split, 4, device=torch.device("cpu"), shuffle=False)
+    stop, position = StopFlag(), Position()
+    stop.set(15)  # already set: the epoch's first step stops it, its second (last) does not
+    with pytest.raises(Interrupted):
+        samat.train._epoch(
+            run,
+            config,
+            model,
+            optimizer,
+            create(config.method, optimizer),
+            loader,
+            position,
+            stop,
+            (None, None),
+        )
+    assert (position.epoch, position.step) == (0, 1)
+    record = samat.train._epoch(
+        run,
+        config,
+        model,
+        optimizer,
+        create(config.method, optimizer),
+        loader,
+        position,
+        stop,
+        (None, None),
+    )
+    assert (record["epoch"], position.epoch, position.step) == (1, 1, 0)
+
+    steps = _poisoned_losses(monkeypatch)
+    method = samat.train.methods.create(config.method, optimizer)
+    with pytest.raises(TrainingError, match="at epoch 2 step 1;"):
+        samat.train._epoch(
+            run, config, model, optimizer, method, loader, position, stop, (None, None)
+        )
+    assert len(steps) == 1
 
 
 def test_compile_wraps_the_model_and_the_wrapper_takes_every_step(tmp_path, monkeypatch) -> None:
