@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import os
+import re
 import time
 from types import SimpleNamespace
 
@@ -498,6 +499,7 @@ def test_each_epoch_gets_its_own_batch_order(tmp_path, monkeypatch) -> None:
     result = run.result()
     assert result["steps"] == 6
     assert result["images_per_second"] * result["train_seconds"] == pytest.approx(2 * 96)
+    assert result["train_seconds"] == pytest.approx(sum(m["seconds"] for m in run.metrics()))
 
 
 def test_a_checkpoint_keeps_the_totals_the_best_epoch_and_the_samat_version(
@@ -708,14 +710,21 @@ def test_a_stop_checkpoints_the_method_and_logs_its_signal(tmp_path, monkeypatch
     assert 0 < meta["partial"]["seconds"] < 60
 
 
-def test_a_stop_during_the_last_step_lets_the_epoch_finish(tmp_path, monkeypatch) -> None:
-    """Kills: a stop during an epoch's last step checkpointing mid-epoch (at step n of n) instead
-    of letting the epoch end; a NaN seen at a stop reported without its epoch."""
+def _epoch_setup(tmp_path, labels: list[int]):
+    """A prepared run, a linear model on 1x1x2 images that are all zero, and a loader of
+    `labels` in batches of 4, to call `_epoch` on directly: (run, config, model, optimizer,
+    loader)."""
     config, run, *_ = _checkpoint_setup(tmp_path)
     model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    split = Split(torch.zeros(8, 1, 1, 2, dtype=torch.uint8), torch.tensor([0, 1] * 4))
-    loader = DeviceLoader(split, 4, device=torch.device("cpu"), shuffle=False)
+    split = Split(torch.zeros(len(labels), 1, 1, 2, dtype=torch.uint8), torch.tensor(labels))
+    return run, config, model, optimizer, DeviceLoader(split, 4, device="cpu", shuffle=False)
+
+
+def test_a_stop_during_the_last_step_lets_the_epoch_finish(tmp_path, monkeypatch) -> None:
+    """Kills: a stop during an epoch's last step checkpointing mid-epoch (at step n of n) instead
+    of letting the epoch end; a NaN seen at a stop reported without its epoch."""
+    run, config, model, optimizer, loader = _epoch_setup(tmp_path, [0, 1] * 4)
     stop, position = StopFlag(), Position()
     stop.set(15)  # already set: the epoch's first step stops it, its second (last) does not
     with pytest.raises(Interrupted):
@@ -793,10 +802,16 @@ def test_a_final_checkpoint_without_the_trained_mark_gets_it(tmp_path) -> None:
 
 
 def test_the_start_log_names_method_data_and_epochs(tmp_path) -> None:
-    """Kills: the data set's name left out of the run's opening log line."""
+    """Kills: the data set's name left out of the run's opening log line; the log file's lines
+    without their time and level."""
     run = _one_epoch_run(tmp_path)
     execute(run.path)
-    assert "standard on digits, 1 epochs from epoch 0" in run.file("log").read_text()
+    first = run.file("log").read_text().splitlines()[0]
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO run \w+: "
+        r"standard on digits, 1 epochs from epoch 0, device cpu, threads \d+",
+        first,
+    )
 
 
 def test_an_iterations_run_validates_at_its_last_epoch(tmp_path) -> None:
@@ -867,6 +882,7 @@ def test_the_epoch_loss_and_accuracy_are_over_every_batch(tmp_path, monkeypatch)
     assert record["loss"] == pytest.approx(sum(loss * n for loss, _, n in outs) / 96, rel=1e-6)
     assert record["train_accuracy"] == sum(hits for _, hits, _ in outs) / 96
     assert 0 < record["train_accuracy"] < 1
+    assert record["images_per_second"] == pytest.approx(96 / record["seconds"])
 
 
 def test_a_resumed_epoch_adds_the_seconds_spent_before_the_stop(tmp_path, monkeypatch) -> None:
@@ -886,14 +902,22 @@ def test_a_resumed_epoch_adds_the_seconds_spent_before_the_stop(tmp_path, monkey
     execute(run.path)
     assert 100 < run.metrics()[0]["seconds"] < 160
 
-    config, run, *_ = _checkpoint_setup(tmp_path / "fresh")
-    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run, config, model, optimizer, loader = _epoch_setup(tmp_path / "fresh", [0, 1] * 4)
     method = create(config.method, optimizer)
-    split = Split(torch.zeros(8, 1, 1, 2, dtype=torch.uint8), torch.tensor([0, 1] * 4))
-    loader = DeviceLoader(split, 4, device=torch.device("cpu"), shuffle=False)
     began = time.perf_counter()
     record = samat.train._epoch(
         run, config, model, optimizer, method, loader, Position(), None, (None, None)
     )
     assert record["seconds"] <= time.perf_counter() - began
+
+
+def test_an_epoch_of_one_example_reports_its_accuracy(tmp_path) -> None:
+    """Kills: the accuracy's denominator floored at 2 instead of 1."""
+    run, config, model, optimizer, loader = _epoch_setup(tmp_path, [1])
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([0.0, 5.0]))  # class 1, before and after the step
+    method = create(config.method, optimizer)
+    record = samat.train._epoch(
+        run, config, model, optimizer, method, loader, Position(), None, (None, None)
+    )
+    assert record["train_accuracy"] == 1.0
