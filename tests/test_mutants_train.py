@@ -674,7 +674,7 @@ def test_a_nan_loss_stops_training_within_the_check_interval(
     with pytest.raises(TrainingError, match="epoch 1 step 1;"):
         execute(run.path)
     assert len(steps) == taken
-    assert run.state().state == "failed"
+    assert (run.state().state, run.state().failure) == ("failed", "deterministic")
 
     class Silent(RuntimeError):
         pass
@@ -692,7 +692,7 @@ def test_a_stop_checkpoints_the_method_and_logs_its_signal(tmp_path, monkeypatch
     """Kills: the signal number dropped from the Interrupted a mid-epoch stop raises or from its
     log line, the line's step off by one; the method's state (LookSAM's stored gradient
     component) left out of the mid-epoch checkpoint; its seconds stored under another key or
-    with a sign flipped."""
+    with a sign flipped; execute's closing log line."""
     run = _many_step_run(tmp_path, batch_size=32)
     config = run.config()
     looksam = config.model_copy(
@@ -705,6 +705,7 @@ def test_a_stop_checkpoints_the_method_and_logs_its_signal(tmp_path, monkeypatch
         execute(run.path, stop=stop)
     assert raised.value.signum == 10
     assert "checkpointed at epoch 0 step 1 on signal 10" in caplog.messages
+    assert caplog.messages[-1] == "stopped: progress is stored; the next attempt resumes from it"
     tensors, meta = read_checkpoint(run.file(CHECKPOINT))
     assert any(key.startswith("method.") for key in tensors)
     assert 0 < meta["partial"]["seconds"] < 60
@@ -801,17 +802,30 @@ def test_a_final_checkpoint_without_the_trained_mark_gets_it(tmp_path) -> None:
     assert run.state().trained
 
 
-def test_the_start_log_names_method_data_and_epochs(tmp_path) -> None:
+def test_execute_logs_to_the_run_and_records_host_and_checkpoint(tmp_path, monkeypatch) -> None:
     """Kills: the data set's name left out of the run's opening log line; the log file's lines
-    without their time and level."""
+    without their time and level; the file handler put on the root logger (other libraries'
+    lines in the run's log) or left there after the run; the epoch lines lost when the samat
+    logger is at WARNING; the host not recorded; evaluation not told which checkpoint."""
+    import socket
+
+    samat_logger = logging.getLogger("samat")
+    monkeypatch.setattr(samat_logger, "level", logging.WARNING)
+    handlers = list(samat_logger.handlers)
+    _wrapped_create(monkeypatch, lambda n, _: logging.getLogger("other").warning("not samat's"))
     run = _one_epoch_run(tmp_path)
     execute(run.path)
-    first = run.file("log").read_text().splitlines()[0]
+    lines = run.file("log").read_text().splitlines()
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO run \w+: "
         r"standard on digits, 1 epochs from epoch 0, device cpu, threads \d+",
-        first,
+        lines[0],
     )
+    assert any(" INFO epoch 1/1 loss " in line for line in lines)
+    assert not any("not samat's" in line for line in lines)
+    assert samat_logger.handlers == handlers
+    assert run.state().host == socket.gethostname()
+    assert [r["checkpoint"] for r in run.eval_records()] == ["last", "last"]
 
 
 def test_an_iterations_run_validates_at_its_last_epoch(tmp_path) -> None:
@@ -921,3 +935,30 @@ def test_an_epoch_of_one_example_reports_its_accuracy(tmp_path) -> None:
         run, config, model, optimizer, method, loader, Position(), None, (None, None)
     )
     assert record["train_accuracy"] == 1.0
+
+
+def test_a_stop_at_the_last_step_reaches_evaluation(tmp_path, monkeypatch) -> None:
+    """Kills: evaluation not given the stop flag (a stop that came during the last training step
+    must end the task before the first attack, not after all of them)."""
+    data = copy.deepcopy(TINY_BASE)
+    data["data"] = {**data["data"], "train_size": 96, "test_size": 16}
+    data["train"]["epochs"] = 1
+    config = validate_run(data)
+    run = prepare(RunSpec(run_id(config), config, "SGD", tmp_path / run_id(config)))
+    stop = StopFlag()
+    _wrapped_create(monkeypatch, lambda n, _: stop.set(15) if n == 3 else None)
+    with pytest.raises(Interrupted):
+        execute(run.path, stop=stop)
+    assert run.state().trained
+    assert [r["kind"] for r in run.eval_records()] == ["clean", "clean"]  # FGSM never started
+
+
+def test_train_without_a_loader_uses_the_image_tasks(tmp_path) -> None:
+    """Kills: `train` called without a loader (the library entry point) not building the image
+    task's from the config and data set."""
+    run = _one_epoch_run(tmp_path)
+    config = run.config()
+    dataset, model = samat.train.tasks.get(config.task).build(config, torch.device("cpu"))
+    totals, _ = samat.train.train(run, config, dataset, model, torch.device("cpu"))
+    assert (totals["steps"], totals["images"]) == (3, 96)
+    assert run.state().trained
