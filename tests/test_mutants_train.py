@@ -794,12 +794,15 @@ def test_compile_wraps_the_model_and_the_wrapper_takes_every_step(tmp_path, monk
 
 def test_a_final_checkpoint_without_the_trained_mark_gets_it(tmp_path) -> None:
     """Kills: the trained mark set only when it was already set (a task killed between the last
-    checkpoint and the mark would otherwise stay untrained)."""
+    checkpoint and the mark would otherwise stay untrained); a complete run trained again from
+    its last epoch."""
     run = _one_epoch_run(tmp_path)
     execute(run.path)
     set_state(run, trained=False)
     execute(run.path)
     assert run.state().trained
+    # the second task found training complete: no second "run ...: N epochs from epoch" line
+    assert run.file("log").read_text().count(" epochs from epoch ") == 1
 
 
 def test_execute_logs_to_the_run_and_records_host_and_checkpoint(tmp_path, monkeypatch) -> None:
@@ -817,7 +820,7 @@ def test_execute_logs_to_the_run_and_records_host_and_checkpoint(tmp_path, monke
     execute(run.path)
     lines = run.file("log").read_text().splitlines()
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO run \w+: "
+        rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} INFO run {run.run_id}: "
         r"standard on digits, 1 epochs from epoch 0, device cpu, threads \d+",
         lines[0],
     )
@@ -846,7 +849,8 @@ def test_a_terminal_gets_a_transient_bar_that_training_advances_and_stops(
     tmp_path, monkeypatch
 ) -> None:
     """Kills: a bar drawn into a batch job's log (no terminal) or none on a terminal; the elapsed
-    time column or `transient` dropped; the bar not advanced per step or left running."""
+    time column or `transient` dropped; the bar not advanced per step or left running; a
+    resumed run's bar counting the steps done before the stop."""
     import io
     import sys
 
@@ -858,17 +862,22 @@ def test_a_terminal_gets_a_transient_bar_that_training_advances_and_stops(
         def isatty(self) -> bool:
             return True
 
+    run = _one_epoch_run(tmp_path)
+    stop = StopFlag()
+    _wrapped_create(monkeypatch, lambda n, _: stop.set(15) if n == 1 else None)
+    with pytest.raises(Interrupted):
+        execute(run.path, stop=stop)  # stopped after the first of 3 steps
+    monkeypatch.undo()
     monkeypatch.setattr(sys, "stdout", Terminal())
     real, bars = samat.train._progress_bar, []
     monkeypatch.setattr(samat.train, "_progress_bar", lambda: bars.append(real()) or bars[-1])
-    run = _one_epoch_run(tmp_path)
     execute(run.path)
     (bar,) = bars
     assert isinstance(bar, Progress) and bar.live.transient is True
     assert not bar.live.is_started
     assert any(isinstance(column, TimeElapsedColumn) for column in bar.columns)
     (task,) = bar.tasks
-    assert (task.completed, task.total, task.description) == (3, 3, "epoch 1/1")
+    assert (task.completed, task.total, task.description) == (2, 2, "epoch 1/1")
 
 
 def test_the_epoch_loss_and_accuracy_are_over_every_batch(tmp_path, monkeypatch) -> None:
