@@ -4,6 +4,7 @@ change that the other tests let through, and says which."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -833,16 +834,27 @@ def test_execute_logs_to_the_run_and_records_host_and_checkpoint(tmp_path, monke
 
 def test_an_iterations_run_validates_at_its_last_epoch(tmp_path) -> None:
     """Kills: training's validation not told the loader (the last epoch then taken from
-    train.epochs, not from the iterations)."""
+    train.epochs, not from the iterations); the epoch log line without its validation figures."""
     data = copy.deepcopy(TINY_BASE)
     data["data"] = {**data["data"], "train_size": 96, "test_size": 16}
     data["train"] = {k: v for k, v in data["train"].items() if k != "epochs"}
-    data["train"].update(iterations=7, validation={"size": 16, "every": 2})
+    fgsm = {"attack": "fgsm", "norm": "linf", "eps": 0.1}
+    data["train"].update(iterations=7, validation={"size": 16, "every": 2, "attack": fgsm})
     data["eval"]["attacks"] = []
     config = validate_run(data)
     run = prepare(RunSpec(run_id(config), config, "SGD", tmp_path / run_id(config)))
     execute(run.path)  # 80 images in batches of 32: 3 steps an epoch, 3 epochs
     assert [("val_accuracy" in m) for m in run.metrics()] == [False, True, True]
+    # the epoch lines of the log end with the validated epochs' figures
+    epochs = [line for line in run.file("log").read_text().splitlines() if " INFO epoch " in line]
+    assert [line.split(" INFO ")[1].split(" loss ")[0] for line in epochs] == [
+        "epoch 1/3",
+        "epoch 2/3",
+        "epoch 3/3",
+    ]
+    assert epochs[0].endswith(" img/s)")
+    number = r"\d\.\d{4}"
+    assert re.search(rf" img/s\) val_accuracy {number} val_robust {number}$", epochs[1])
 
 
 def test_a_terminal_gets_a_transient_bar_that_training_advances_and_stops(
@@ -971,3 +983,29 @@ def test_train_without_a_loader_uses_the_image_tasks(tmp_path) -> None:
     totals, _ = samat.train.train(run, config, dataset, model, torch.device("cpu"))
     assert (totals["steps"], totals["images"]) == (3, 96)
     assert run.state().trained
+
+
+def test_a_run_without_a_checkpoint_drops_stale_metrics(tmp_path, monkeypatch) -> None:
+    """Kills: metrics lines left from a lost checkpoint kept when training starts over (all of
+    them must go, not those past epoch 1: a stop during epoch 1 would leave the stale one)."""
+    run = _one_epoch_run(tmp_path)
+    stale = "".join(json.dumps({"epoch": e, "loss": 99.0}) + "\n" for e in (1, 2))
+    run.file("metrics.jsonl").write_text(stale)
+    stop = StopFlag()
+    _wrapped_create(monkeypatch, lambda n, _: stop.set(15) if n == 1 else None)
+    with pytest.raises(Interrupted):
+        execute(run.path, stop=stop)
+    assert run.metrics() == []
+    monkeypatch.undo()
+    execute(run.path)
+    (record,) = run.metrics()
+    assert record["epoch"] == 1 and record["loss"] != 99.0
+
+
+def test_a_checkpoint_of_another_config_names_its_run(tmp_path) -> None:
+    """Kills: the refusal of another config's checkpoint not naming the run it came from."""
+    config, run, model, optimizer, method = _checkpoint_setup(tmp_path)
+    _save(run, config, model, optimizer, method, Position(epoch=1))
+    other = run_config(seed=1)
+    with pytest.raises(ConfigError, match=f"another config \\(run {run_id(config)}\\)"):
+        _resume(run, other, model, optimizer, method, other.train.epochs)
