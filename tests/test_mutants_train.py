@@ -1003,9 +1003,13 @@ def test_a_run_without_a_checkpoint_drops_stale_metrics(tmp_path, monkeypatch) -
 
 
 def test_a_checkpoint_of_another_config_names_its_run(tmp_path) -> None:
-    """Kills: the refusal of another config's checkpoint not naming the run it came from."""
+    """Kills: the refusal of another config's checkpoint not naming the run it came from, or
+    its fix."""
     config, run, model, optimizer, method = _checkpoint_setup(tmp_path)
     _save(run, config, model, optimizer, method, Position(epoch=1))
     other = run_config(seed=1)
-    with pytest.raises(ConfigError, match=f"another config \\(run {run_id(config)}\\)"):
+    expected = (
+        f"another config \\(run {run_id(config)}\\);.*delete it or use a fresh output directory$"
+    )
+    with pytest.raises(ConfigError, match=expected):
         _resume(run, other, model, optimizer, method, other.train.epochs)
