@@ -802,8 +802,10 @@ def test_a_final_checkpoint_without_the_trained_mark_gets_it(tmp_path) -> None:
     set_state(run, trained=False)
     execute(run.path)
     assert run.state().trained
-    # the second task found training complete: no second "run ...: N epochs from epoch" line
-    assert run.file("log").read_text().count(" epochs from epoch ") == 1
+    # the second task found training complete: no second "run ...: N epochs from epoch" line,
+    # and no "resumed from" line for a checkpoint that is final
+    log_text = run.file("log").read_text()
+    assert log_text.count(" epochs from epoch ") == 1 and "resumed from" not in log_text
 
 
 def test_execute_logs_to_the_run_and_records_host_and_checkpoint(tmp_path, monkeypatch) -> None:
@@ -818,7 +820,8 @@ def test_execute_logs_to_the_run_and_records_host_and_checkpoint(tmp_path, monke
     handlers = list(samat_logger.handlers)
     _wrapped_create(monkeypatch, lambda n, _: logging.getLogger("other").warning("not samat's"))
     run = _one_epoch_run(tmp_path)
-    execute(run.path)
+    execute(run.path, job_id="4242_3")
+    assert run.state().job_id == "4242_3"
     lines = run.file("log").read_text().splitlines()
     assert re.fullmatch(
         rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} INFO run {run.run_id}: "
@@ -866,7 +869,7 @@ def test_a_terminal_gets_a_transient_bar_that_training_advances_and_stops(
     import io
     import sys
 
-    from rich.progress import Progress, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn
 
     assert samat.train._progress_bar() is None  # pytest's captured stdout is no terminal
 
@@ -888,6 +891,7 @@ def test_a_terminal_gets_a_transient_bar_that_training_advances_and_stops(
     assert isinstance(bar, Progress) and bar.live.transient is True
     assert not bar.live.is_started
     assert any(isinstance(column, TimeElapsedColumn) for column in bar.columns)
+    assert any(isinstance(column, BarColumn) for column in bar.columns)  # rich's defaults too
     (task,) = bar.tasks
     assert (task.completed, task.total, task.description) == (2, 2, "epoch 1/1")
 
