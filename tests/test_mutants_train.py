@@ -729,38 +729,22 @@ def test_a_stop_during_the_last_step_lets_the_epoch_finish(tmp_path, monkeypatch
     run, config, model, optimizer, loader = _epoch_setup(tmp_path, [0, 1] * 4)
     stop, position = StopFlag(), Position()
     stop.set(15)  # already set: the epoch's first step stops it, its second (last) does not
-    with pytest.raises(Interrupted):
-        samat.train._epoch(
-            run,
-            config,
-            model,
-            optimizer,
-            create(config.method, optimizer),
-            loader,
-            position,
-            stop,
-            (None, None),
+
+    def epoch(method):
+        return samat.train._epoch(
+            run, config, model, optimizer, method, loader, position, stop, (None, None)
         )
+
+    with pytest.raises(Interrupted):
+        epoch(create(config.method, optimizer))
     assert (position.epoch, position.step) == (0, 1)
-    record = samat.train._epoch(
-        run,
-        config,
-        model,
-        optimizer,
-        create(config.method, optimizer),
-        loader,
-        position,
-        stop,
-        (None, None),
-    )
+    record = epoch(create(config.method, optimizer))
     assert (record["epoch"], position.epoch, position.step) == (1, 1, 0)
 
     steps = _poisoned_losses(monkeypatch)
     method = samat.train.methods.create(config.method, optimizer)
     with pytest.raises(TrainingError, match="at epoch 2 step 1;"):
-        samat.train._epoch(
-            run, config, model, optimizer, method, loader, position, stop, (None, None)
-        )
+        epoch(method)
     assert len(steps) == 1
 
 
