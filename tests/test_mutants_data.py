@@ -116,3 +116,39 @@ def test_decode_names_a_missing_or_misshapen_image(tmp_path) -> None:
     Image.new("RGB", (64, 32), (0, 0, 0)).save(wide, "JPEG")
     with pytest.raises(ConfigError, match=r"wide\.JPEG: expected a 64x64 image, got 64x32; re-"):
         _decode([(wide, 0)])
+
+
+def test_split_names_the_wrong_shape_or_dtype() -> None:
+    """Kills: a 3-D uint8 image tensor, or int64 labels of the wrong length, accepted (`or`
+    read as `and`); the error without the shape it got."""
+    labels = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(
+        ValueError, match=r"^images must be uint8 \[N, C, H, W\], got torch.uint8 \[2, 3, 4\]$"
+    ):
+        Split(torch.zeros(2, 3, 4, dtype=torch.uint8), labels)
+    images = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"^labels must be int64 \[2\], got torch.int64 \[3\]$"):
+        Split(images, torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("key", ["train_size", "test_size"])
+def test_a_subset_larger_than_the_data_set_names_key_and_data_set(key: str) -> None:
+    """Kills: the size check refusing a subset of exactly the whole split; the error naming
+    another key or no data set."""
+    part = key.removesuffix("_size")
+    n = len(getattr(load_dataset(DataConfig(name="digits")), part).labels)
+    exact = load_dataset(DataConfig(name="digits", **{key: n}))
+    assert len(getattr(exact, part).labels) == n
+    with pytest.raises(
+        ConfigError,
+        match=rf"^data.{key} {n + 1} exceeds the {n} examples of digits; lower data.{key}$",
+    ):
+        load_dataset(DataConfig(name="digits", **{key: n + 1}))
+
+
+def test_loader_batches_are_plain_nchw_unless_asked() -> None:
+    """Kills: channels_last on by default (evaluation loaders would hand out channels-last
+    batches the model was not converted for)."""
+    split = Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64))
+    images, _ = next(iter(samat.data.DeviceLoader(split, 4, device="cpu", shuffle=False).epoch(0)))
+    assert images.is_contiguous()
