@@ -445,8 +445,9 @@ def _one_epoch_run(tmp_path):
     return prepare(RunSpec(rid, config, "SGD", tmp_path / rid))
 
 
-def _wrapped_create(monkeypatch, on_step):
-    """methods.create, with `on_step(number, labels)` called before each training step."""
+def _wrapped_create(monkeypatch, on_step=None, after=None):
+    """methods.create, with `on_step(number, labels)` called before each training step and
+    `after(number, out, labels)` given its result (what `after` returns is the step's result)."""
     real_create = samat.train.methods.create
 
     def create_(*args, **kwargs):
@@ -455,8 +456,10 @@ def _wrapped_create(monkeypatch, on_step):
 
         def counted(model, images, labels):
             calls.append(1)
-            on_step(len(calls), labels)
-            return step(model, images, labels)
+            if on_step is not None:
+                on_step(len(calls), labels)
+            out = step(model, images, labels)
+            return out if after is None else after(len(calls), out, labels)
 
         method.step = counted
         return method
@@ -643,21 +646,13 @@ def _many_step_run(tmp_path, **train: object):
 
 def _poisoned_losses(monkeypatch) -> list[int]:
     """Every training step's loss made NaN (after the step); returns the step count so far."""
-    real_create, steps = samat.train.methods.create, []
+    steps: list[int] = []
 
-    def create_(*args, **kwargs):
-        method = real_create(*args, **kwargs)
-        step = method.step
+    def poison(number, out, labels):
+        steps.append(number)
+        return type(out)(out.loss * math.nan, out.logits)
 
-        def poisoned(model, images, labels):
-            steps.append(1)
-            out = step(model, images, labels)
-            return type(out)(out.loss * math.nan, out.logits)
-
-        method.step = poisoned
-        return method
-
-    monkeypatch.setattr(samat.train.methods, "create", create_)
+    _wrapped_create(monkeypatch, after=poison)
     return steps
 
 
@@ -883,21 +878,13 @@ def test_a_terminal_gets_a_transient_bar_that_training_advances_and_stops(
 def test_the_epoch_loss_and_accuracy_are_over_every_batch(tmp_path, monkeypatch) -> None:
     """Kills: the epoch's loss sum, correct count or counted examples replaced by the last
     batch's; the accuracy's argmax taken over the flattened logits."""
-    real_create, outs = samat.train.methods.create, []
+    outs = []
 
-    def create_(*args, **kwargs):
-        method = real_create(*args, **kwargs)
-        step = method.step
+    def keep(number, out, labels):
+        outs.append((float(out.loss), int((out.logits.argmax(1) == labels).sum()), len(labels)))
+        return out
 
-        def kept(model, images, labels):
-            out = step(model, images, labels)
-            outs.append((float(out.loss), int((out.logits.argmax(1) == labels).sum()), len(labels)))
-            return out
-
-        method.step = kept
-        return method
-
-    monkeypatch.setattr(samat.train.methods, "create", create_)
+    _wrapped_create(monkeypatch, after=keep)
     run = _many_step_run(tmp_path, batch_size=40)  # 96 images: batches of 40, 40 and 16
     execute(run.path)
     assert [n for *_, n in outs] == [40, 40, 16]
