@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,36 @@ def finish(run, accuracy: float = 0.5) -> dict[str, Any]:
     write_json(run.file("result.json"), result)
     set_state(run, trained=True, state="done")
     return result
+
+
+def signal_when(ready: Path, signum: int, deadline_s: float = 300) -> threading.Thread:
+    """Send this process `signum` once `ready` exists (the child is up and in place), whatever
+    the machine's load: an event, not a timer."""
+
+    def wait_then_signal() -> None:
+        deadline = time.monotonic() + deadline_s
+        while not ready.exists():
+            if time.monotonic() > deadline:
+                return  # the test then fails on the child's own 600 s sleep being cut short
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=wait_then_signal, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def slurm_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Stand-ins for SLURM's commands: slurm_bin(name, shell_body); PATH holds only them."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    monkeypatch.setenv("PATH", str(directory))
+
+    def install(name: str, body: str) -> Path:
+        path = directory / name
+        path.write_text(f"#!/bin/sh\nPATH=/usr/bin:/bin\n{body}\n")
+        path.chmod(0o755)
+        return path
+
+    return install

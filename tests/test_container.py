@@ -863,8 +863,13 @@ def test_slurm_container_requeue(tmp_path: Path, podman: str) -> None:
             ):
                 break
             time.sleep(1)
-        time.sleep(3)
-        orphan = subprocess.run([podman, "container", "exists", name]).returncode == 0
+        # the task's SIGTERM handler stops the container: wait for it to be gone (an event),
+        # up to a deadline that only an orphan reaches
+        deadline = time.monotonic() + 120
+        while orphan := subprocess.run([podman, "container", "exists", name]).returncode == 0:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
         subprocess.run([podman, "rm", "--force", "--ignore", name], capture_output=True, timeout=60)
     assert state["requeues"] >= 1 and state["attempts"] >= 2, state
     epoch, step = resumed

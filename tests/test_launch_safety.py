@@ -2,7 +2,7 @@
 before anything can interrupt, a silent scheduler, control characters, one throttle across
 arrays, the container's end, `samat cancel`, `samat status --json` and `samat logs`.
 
-SLURM's commands are stand-in scripts (the `slurm_bin` fixture of test_launch): nothing here
+SLURM's commands are stand-in scripts (the `slurm_bin` fixture of conftest): nothing here
 reaches a real cluster.
 """
 
@@ -36,26 +36,10 @@ from samat.launch.submit import (
     select_runs,
 )
 from samat.store import RunDir, prepare
-from tests.conftest import set_state
+from tests.conftest import set_state, signal_when
 from tests.test_launch import fake_runs, make_grid, recording_console
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def slurm_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Stand-ins for SLURM's commands: slurm_bin(name, shell_body); PATH holds only them."""
-    directory = tmp_path / "bin"
-    directory.mkdir()
-    monkeypatch.setenv("PATH", str(directory))
-
-    def install(name: str, body: str) -> Path:
-        path = directory / name
-        path.write_text(f"#!/bin/sh\nPATH=/usr/bin:/bin\n{body}\n")
-        path.chmod(0o755)
-        return path
-
-    return install
 
 
 def fake_slurm(slurm_bin, tmp_path: Path, *, fail_on: int | None = None, gate: bool = False):
@@ -240,16 +224,27 @@ def test_two_concurrent_submits_queue_each_run_once(tmp_path: Path, slurm_bin) -
     assert [s.job_id for s in states] == [f"42_{i}" for i in range(4)]
 
 
+def release_when_waiting(console, release: Path, deadline_s: float = 300) -> None:
+    deadline = time.monotonic() + deadline_s
+    while "waiting for the lock" not in console.export_text(clear=False):
+        if time.monotonic() > deadline:
+            break  # the holder is then released anyway, and the test fails on the message
+        time.sleep(0.02)
+    release.touch()
+
+
 def test_cancel_and_eval_take_the_lock(tmp_path: Path, slurm_bin) -> None:
     fake_slurm(slurm_bin, tmp_path)
     runs = fake_runs(tmp_path, 1)
     output = tmp_path / "out"
+    release = tmp_path / "release"
     child = f"""
-import time
+import os, time
 from samat.launch.lock import output_lock
 with output_lock({str(output)!r}, purpose="submit"):
     print("locked", flush=True)
-    time.sleep(2)
+    while not os.path.exists({str(release)!r}):
+        time.sleep(0.02)
 """
     for action in (
         lambda console: cancel_runs(output, console=console),
@@ -257,14 +252,17 @@ with output_lock({str(output)!r}, purpose="submit"):
             output, [], n_examples=None, executor="local", console=console
         ),
     ):
+        release.unlink(missing_ok=True)
         holder = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "locked"
         console = recording_console()
-        began = time.monotonic()
+        # the holder lets go once the action says it waits (an event, whatever the load)
+        releaser = threading.Thread(target=release_when_waiting, args=(console, release))
+        releaser.start()
         action(console)
-        assert time.monotonic() - began > 0.5
+        releaser.join(timeout=60)
         assert "waiting for the lock on" in console.export_text().splitlines()[0]
-        holder.wait(timeout=60)
+        assert holder.wait(timeout=60) == 0
     assert runs[0].state().state == "cancelled"
 
 
@@ -538,7 +536,8 @@ def test_a_missing_container_runtime_fails_the_run_with_the_reason(tmp_path: Pat
     assert select_runs([spec])[spec.run_id].kind == "train"
 
 
-# a stand-in container client: notes the signal it was sent, then exits as `samat run` does (3)
+# a stand-in container client: says it is ready once its handlers are in place, notes the signal
+# it was sent, then exits as `samat run` does (3)
 CLIENT = """
 import signal, sys, time
 def note(signum, frame):
@@ -546,7 +545,8 @@ def note(signum, frame):
     sys.exit(3)
 signal.signal(signal.SIGINT, note)
 signal.signal(signal.SIGTERM, note)
-time.sleep(60)
+open(sys.argv[2], "w").close()
+time.sleep(600)
 """
 
 
@@ -555,23 +555,19 @@ def test_a_local_runs_end_stops_its_container(tmp_path: Path, signum: int) -> No
     run = fake_runs(tmp_path, 1)[0]
     stopped, received = tmp_path / "stopped", tmp_path / "received"
     stop = ["sh", "-c", f"echo stop >> {stopped}"]
-    client = [sys.executable, "-c", CLIENT, str(received)]
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signum))
+    client = [sys.executable, "-c", CLIENT, str(received), str(tmp_path / "ready")]
     seen: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))  # submitit's: bypass
     try:
-        timer.start()
+        sender = signal_when(tmp_path / "ready", signum)
         expected = KeyboardInterrupt if signum == signal.SIGINT else RuntimeError
         with pytest.raises(expected):
             RunTask(run.path, client, stop)()
     finally:
-        timer.cancel()
         signal.signal(signal.SIGTERM, previous)
+    sender.join(timeout=60)
     # the client got the signal (to store the run's progress), and the container was stopped
-    # once, by the handler (not again when the task ended)
-    deadline = time.monotonic() + 10
-    while not received.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # once, by the handler (not again when the task ended); the task waited for the client
     assert received.read_text() == str(int(signum))
     assert stopped.read_text() == "stop\n"
     assert seen == ([signal.SIGTERM] if signum == signal.SIGTERM else [])
@@ -589,12 +585,15 @@ def test_a_failing_stop_command_never_escapes_the_signal_handler(
     run = fake_runs(tmp_path, 1)[0]
     seen: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+    ready = tmp_path / "ready"
+    child = f"import time; open({str(ready)!r}, 'w').close(); time.sleep(600)"
     try:
-        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        sender = signal_when(ready, signal.SIGTERM)
         with pytest.raises(RuntimeError, match=f"status {-signal.SIGTERM}"):
-            RunTask(run.path, [sys.executable, "-c", "import time; time.sleep(60)"], stop)()
+            RunTask(run.path, [sys.executable, "-c", child], stop)()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    sender.join(timeout=60)
     assert seen == [signal.SIGTERM]  # submitit's handler still ran
 
 

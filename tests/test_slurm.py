@@ -534,8 +534,24 @@ def test_a_newline_in_the_account_is_a_config_error_and_nothing_reaches_the_clus
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "slurm.account" in lines[0] and "Traceback" not in lines[0], lines
     assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
-    time.sleep(2)  # accounting lags: a job would be there by now
-    assert jobs_named(f"samat-{name}") == [] and accounted_tasks(f"samat-{name}") == []
+    # accounting lags: a job submitted after samat's refusal is in it only once everything
+    # submitted before it is (an event to wait for, not a guess at the lag)
+    assert_nothing_accounted_before_a_marker(f"samat-{name}")
+
+
+def assert_nothing_accounted_before_a_marker(name: str) -> None:
+    marker = subprocess.run(
+        ["sbatch", "--parsable", "-J", f"{name}-marker", "-o", "/dev/null", "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    deadline = time.monotonic() + WAIT_S
+    while not accounted_tasks(f"{name}-marker", marker):
+        assert time.monotonic() < deadline, f"marker job {marker} never reached accounting"
+        time.sleep(0.5)
+    assert jobs_named(name) == [] and accounted_tasks(name) == []
 
 
 def _example_base(name: str, root: Path) -> dict[str, Any]:
