@@ -126,6 +126,7 @@ def _load_specs(grid_file: Path) -> tuple[Any, list[RunSpec]]:
 
 def plan_table(specs: list[RunSpec], actions: dict[str, Any] | None = None) -> Table:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"{len(specs)} runs")
     columns = ["run id", "method", "data", "model", "epochs", "seed", "attacks"]
@@ -139,7 +140,7 @@ def plan_table(specs: list[RunSpec], actions: dict[str, Any] | None = None) -> T
         cells += [str(c.seed), ", ".join(names)]
         if actions is not None:
             cells.append(actions[spec.run_id].describe())
-        table.add_row(*cells)
+        table.add_row(*(Text(cell) for cell in cells))  # the user's text, not rich markup
     return table
 
 
@@ -268,13 +269,15 @@ def parse_attacks(texts: tuple[str, ...]) -> list[Any]:
     """--attack values: preset or group names, or YAML flow mappings, checked like a grid's."""
     import yaml
 
-    from samat import attacks
+    from samat import attacks, safeyaml
     from samat.config import ConfigError, EvalConfig, format_validation_error
 
     entries: list[Any] = []
     for text in texts:
         try:
-            value = yaml.safe_load(text)
+            value = safeyaml.load(text)
+        except safeyaml.YAMLLimitError as error:
+            raise ConfigError(f"--attack {text[:40]!r}: {error}") from None
         except yaml.YAMLError:
             raise ConfigError(f"--attack {text!r} is not a preset name or a YAML mapping") from None
         entries.append(value)

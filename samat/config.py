@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from samat import safeyaml
 from samat.errors import ConfigError  # re-exported: samat.config.ConfigError
 
 
@@ -99,6 +100,28 @@ def _plain_mapping(value: dict[Any, Any]) -> dict[Any, Any]:
 # A string that goes into the sbatch script or onto a command line: no control characters.
 PlainText = Annotated[str, AfterValidator(_plain_text)]
 PlainPath = Annotated[Path, AfterValidator(_plain_text)]
+
+
+def _label_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty; give it a name, or leave it out")
+    return value
+
+
+def _path_safe(value: str) -> str:
+    """A name that becomes one path component (results/<name>) and a job name."""
+    if value.strip() in (".", "..") or "/" in value or "\\" in value:
+        raise ValueError(
+            f"{value!r} is not a plain name: it is used as a folder name (results/<name>) and "
+            "may not contain '/' or be '.' or '..'; set output for another place"
+        )
+    return value
+
+
+# A label shown in tables, logs and reports: no control characters, not empty.
+Label = Annotated[str, AfterValidator(_plain_text), AfterValidator(_label_text)]
+# A name that is also a folder name and part of SLURM's job name.
+Name = Annotated[Label, AfterValidator(_path_safe)]
 
 
 class Strict(BaseModel):
@@ -330,7 +353,7 @@ class AttackSpec(Strict):
     # None = the attack's convention (PGD: eps / 4 for l_inf, eps / 8 for l_2).
     alpha: Budget | None = None
     # Column label in reports; None = a label made from attack, norm and eps.
-    label: str | None = None
+    label: Label | None = None
     # Further keyword arguments for the torchattacks class (checked when the attack is built).
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -474,6 +497,26 @@ class RunConfig(Strict):
         return self
 
 
+# sbatch options whose lines samat writes: additional_parameters may not replace them
+RESERVED_SBATCH = {
+    "array": "the grid's runs, throttled by slurm.array_parallelism",
+    "a": "the grid's runs, throttled by slurm.array_parallelism",
+    "signal": "the checkpoint signal, before the limit by slurm.signal_delay_s",
+    "job_name": "samat-<grid name>",
+    "j": "samat-<grid name>",
+    "output": "the submitit folder of the output directory",
+    "o": "the submitit folder of the output directory",
+    "error": "the submitit folder of the output directory",
+    "e": "the submitit folder of the output directory",
+    "open_mode": "appended logs across requeues",
+    "time": "slurm.timeout_min",
+    "t": "slurm.timeout_min",
+    "dependency": "arrays chained by samat",
+    "d": "arrays chained by samat",
+    "wrap": "the submitit command",
+}
+
+
 class SlurmConfig(Strict):
     partition: PlainText | None = None
     account: PlainText | None = None
@@ -496,6 +539,18 @@ class SlurmConfig(Strict):
     setup: list[PlainText] = Field(default_factory=list)
 
     _plain_parameters = field_validator("additional_parameters")(_plain_mapping)
+
+    @field_validator("additional_parameters")
+    @classmethod
+    def _not_samats_own(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            name = str(key).lstrip("-").replace("-", "_").lower()
+            if name in RESERVED_SBATCH:
+                raise ValueError(
+                    f"{key!r} is a line samat writes itself ({RESERVED_SBATCH[name]}); "
+                    "remove it from additional_parameters"
+                )
+        return value
 
 
 class ContainerConfig(Strict):
@@ -530,7 +585,7 @@ class ContainerConfig(Strict):
 
 class GridConfig(Strict):
     # SLURM's job name is samat-<name>
-    name: PlainText
+    name: Name
     output: PlainPath | None = None
     base: dict[str, Any] = Field(default_factory=dict)
     # Cartesian product over dotted keys: {"model.name": ["small_cnn", "preact_resnet18"]}.
@@ -541,6 +596,9 @@ class GridConfig(Strict):
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0])
+    # The most runs the grid may expand to, counted before any is built: a typo in a sweep
+    # (or a hostile file) cannot make samat build millions of configs.
+    max_runs: int = Field(default=10_000, ge=1)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     container: ContainerConfig = Field(default_factory=ContainerConfig)
 
@@ -599,7 +657,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safeyaml.load(path.read_text())
+    except safeyaml.YAMLLimitError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import pickle
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from samat.config import ConfigError, DataConfig
+from samat.safepickle import NotACifarBatch, load_cifar_batch
 
 # Fixed seed for the digits split, subsets and synthetic data: every run, whatever its own seed,
 # sees the same examples, so runs differ only in what the config says.
@@ -163,14 +163,15 @@ def _missing(root: Path, what: str, expected: str) -> ConfigError:
     )
 
 
-def _unpickle(path: Path) -> dict:
-    # CIFAR's own distribution format is a Python pickle; it is only read from the user's data.root.
-    with path.open("rb") as f:
-        return pickle.load(f, encoding="bytes")
-
-
 def _cifar_split(path: Path, label_key: bytes) -> Split:
-    batch = _unpickle(path)
+    # CIFAR's own distribution format is a pickle, read by an unpickler that builds arrays only
+    try:
+        batch = load_cifar_batch(path)
+    except NotACifarBatch as error:
+        raise ConfigError(
+            f"{path} is not a CIFAR batch: it {error}; replace it with the file from the "
+            "CIFAR archive (samat data check names every bad file)"
+        ) from None
     # Each row holds 1024 red, then 1024 green, then 1024 blue values, each a row-major 32x32 plane.
     images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     labels = np.asarray(batch[label_key], dtype=np.int64)

@@ -52,7 +52,6 @@ verify the archive's MD5, extract it into the folder above the data set's and ke
 
 from __future__ import annotations
 
-import pickle
 import socket
 import sys
 from dataclasses import dataclass
@@ -286,10 +285,13 @@ def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> int:
     """The number of images in one CIFAR pickle; ValueError saying what is wrong with it."""
     import numpy as np
 
+    from samat.safepickle import NotACifarBatch, load_cifar_batch
+
     try:
-        # CIFAR's own distribution format; read only from the user's data root, as data.py does.
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        # CIFAR's own distribution format, read as data.py reads it: arrays only, no code
+        batch = load_cifar_batch(path)
+    except NotACifarBatch as error:
+        raise ValueError(f"not a CIFAR batch: it {error}; replace it") from None
     except Exception:
         raise ValueError("unreadable (truncated, or not a CIFAR pickle); re-extract it") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,27 @@ def _same(actual: Any, expected: Any) -> bool:
     return actual == expected
 
 
+def _combinations(axes: dict[str, Any]) -> int:
+    return math.prod(len(v) if isinstance(v, list) else 1 for v in axes.values())
+
+
+def count_runs(grid: GridConfig) -> int:
+    """How many runs the grid expands to before duplicates and exclude are dropped, computed
+    without building one."""
+    swept = _combinations(grid.sweep)
+    within = sum(_combinations(variant) for variant in grid.variants) if grid.variants else 1
+    extra = sum(_combinations(entry) for entry in grid.include)
+    return (swept * within + extra) * len(grid.seeds)
+
+
 def expand(grid: GridConfig, source: str = "grid") -> list[RunSpec]:
     """All runs of a grid, validated, in a stable order, without duplicates."""
+    total = count_runs(grid)
+    if total > grid.max_runs:
+        raise ConfigError(
+            f"{source}: the grid expands to {total:,} runs, more than max_runs "
+            f"({grid.max_runs:,}); shorten its sweeps, variants or seeds, or raise max_runs"
+        )
     output = Path(grid.output or Path("results") / grid.name)
     assignments: list[dict[str, Any]] = []
     for swept in _product(grid.sweep) if grid.sweep else [{}]:

@@ -8,8 +8,7 @@ from fnmatch import fnmatchcase
 from importlib import resources
 from typing import Any
 
-import yaml
-
+from samat import safeyaml
 from samat.config import ConfigError, parse_budget
 
 DATA_FILE = "published.yaml"
@@ -101,7 +100,7 @@ def tables() -> dict[str, PublishedTable]:
             "its package data (pip install .)"
         )
     text = source.read_text(encoding="utf-8")
-    return {name: _table(name, data) for name, data in yaml.safe_load(text).items()}
+    return {name: _table(name, data) for name, data in safeyaml.load(text).items()}
 
 
 def table(name: str) -> PublishedTable:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from samat.config import ConfigError, validate_method
 from samat.grid import group_id, method_label
@@ -373,18 +374,24 @@ def _lines(report: Report) -> list[Line]:
 
 def rich_table(report: Report) -> Table:
     caption = report.caption()
-    table = Table(title=report.title, caption="\n".join(caption) or None, caption_justify="left")
+    # labels and titles are the user's text, shown as written: Text, never rich markup (a
+    # label such as '[/]' would otherwise end the table with a MarkupError)
+    table = Table(
+        title=Text(report.title) if report.title else None,
+        caption=Text("\n".join(caption)) if caption else None,
+        caption_justify="left",
+    )
     # the labels and the runs column stay on one line; the numbers wrap first on a narrow screen
     table.add_column("Method", style="bold", no_wrap=True)
     for column in report.cols:
-        table.add_column(column, justify="right")
+        table.add_column(Text(column), justify="right")
     table.add_column("Runs", no_wrap=True)
     lines = _lines(report)
     sections = any(line.kind != "row" for line in lines)
     for i, line in enumerate(lines):
         last = i + 1 == len(lines) or lines[i + 1].kind == "row"
         table.add_row(
-            line.label,
+            Text(line.label),
             *line.cells,
             line.runs,
             style=None if line.kind == "row" else "dim",

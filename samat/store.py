@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from samat import safeyaml
 from samat.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -58,10 +60,6 @@ RESULT_KEYS = ("run_id", "natural", "robust", "average_robust")
 REPLACED = "replaced-"
 
 
-# libyaml's parser where PyYAML was built with it (about 30x faster), else the pure-Python one
-YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 class CheckpointError(ConfigError):
     """A checkpoint file that cannot be read."""
 
@@ -73,16 +71,38 @@ def _umask() -> int:
 
 
 def _temp_file(path: Path) -> tuple[int, str]:
-    """A new file `.name.XXXXXXXXXXXX.tmp` beside path, open for writing, created as any file the
-    user writes (0666 less the umask, shared with the group: no chmod after mkstemp's 0600)."""
+    """A new file `.name.XXXXXXXXXXXX.tmp` beside path, open for writing: 0644 less the umask,
+    readable by the group (no mkstemp 0600) and never writable by it, whatever the umask (a
+    teammate replaces a run's file by renaming a new one over it, which needs only the
+    directory's write bit)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         tmp = os.path.join(path.parent, f".{path.name}.{os.urandom(6).hex()}.tmp")
         try:
-            return os.open(tmp, flags, 0o666), tmp
+            return os.open(tmp, flags, 0o644), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temp file name beside {path}")
+
+
+def open_append(path: Path) -> Any:
+    """`path` open for appending text, never through a link: a symbolic link put where a run's
+    log or the journal should be (by a teammate with write access to a shared output directory)
+    is removed and a new file made in its place, so nothing samat writes lands in the link's
+    target. Created 0644 less the umask: readable by the group, never writable by it."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except PermissionError:
+        # a teammate's file (group-readable, not writable): replaced by our own copy of it
+        write_atomic(path, Path(path).read_bytes())
+        fd = os.open(path, flags, 0o644)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        os.unlink(path)  # the link itself, not its target
+        fd = os.open(path, flags | os.O_EXCL, 0o644)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -642,7 +662,7 @@ def _parse_piece(piece: str) -> dict[str, Any] | None:
     if match is not None:
         return {"seed": int(match.group(1))}
     try:
-        value = yaml.load(piece, Loader=YAML_LOADER)
+        value = safeyaml.load(piece)
     except yaml.YAMLError:
         return None
     return value if isinstance(value, dict) else None
@@ -768,7 +788,7 @@ def _create_run_dir(
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # what mkdir gives, not mkdtemp's 0700
         for name, data in files.items():
-            fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 if sync:

@@ -34,6 +34,7 @@ from samat.store import (
     LOG,
     RESULT,
     RunDir,
+    open_append,
     read_checkpoint,
     write_checkpoint,
     write_json,
@@ -289,6 +290,13 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
+class RunLogHandler(logging.FileHandler):
+    """The run's log file, opened through store.open_append: never through a link."""
+
+    def _open(self) -> Any:
+        return open_append(Path(self.baseFilename))
+
+
 def _progress_bar() -> Progress | None:
     """A live bar on a terminal; None in batch jobs, whose logs get one line per epoch instead."""
     if not sys.stdout.isatty():
@@ -310,7 +318,7 @@ def execute(
     """
     run = RunDir(run_dir)
     config = run.config()
-    handler = logging.FileHandler(run.file(LOG))
+    handler = RunLogHandler(run.file(LOG))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("samat")
     logger.addHandler(handler)

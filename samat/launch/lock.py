@@ -100,12 +100,27 @@ def output_lock(
         thread_lock.release()
 
 
+def _open_lock_file(path: Path) -> int:
+    """The lock file, never through a link (one put there would make samat write the holder's
+    name into the link's target): a link is removed and the file made anew. Writable by the
+    group, as teammates sharing the output directory must take the lock too (a POSIX lock needs
+    a descriptor open for writing); it holds only the holder's name, nothing samat runs."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        os.unlink(path)
+        return os.open(path, flags | os.O_EXCL, 0o666)
+
+
 def _acquire(
     output: Path, *, purpose: str, say: Callable[[str], None] | None, timeout_s: float | None
 ) -> int:
     path = lock_path(output)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock_file(path)
     except OSError as error:
         raise ConfigError(
             f"cannot open the lock file {path} ({error.strerror}); samat needs write access to "

@@ -29,6 +29,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -60,6 +61,7 @@ from samat.store import (
     change_states,
     find_runs,
     missing_records,
+    open_append,
     prepare,
     sync_filesystem,
 )
@@ -129,6 +131,41 @@ def plan_chunks(count: int, max_size: int, parallelism: int) -> list[Chunk]:
 def submitit_folder(output: Path) -> Path:
     """Where submitit keeps its pickles and each job's stdout/stderr (one folder per job)."""
     return Path(output).expanduser().absolute() / "submitit" / "%j"
+
+
+def private_submitit_folder(output: Path) -> Path:
+    """submitit's folder, made private (0700) whatever the umask: the pickles in it are what the
+    jobs execute, so nobody else may enter it, let alone replace one. A folder that is a link or
+    belongs to someone else is refused in one line rather than used."""
+    folder = submitit_folder(output).parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = os.lstat(folder)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(
+            f"{folder} is not a folder samat made (a link or a file); remove it, then submit again"
+        )
+    if info.st_uid != os.getuid():
+        raise ConfigError(
+            f"{folder} belongs to another user (uid {info.st_uid}): the jobs would run pickles "
+            "they can replace; submit to an output directory of your own"
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def make_private(jobs: Sequence[Any]) -> None:
+    """The jobs' folders (0700) and the pickles and scripts submitit wrote there (0600), whatever
+    the umask; their parent is private already (private_submitit_folder)."""
+    for folder in dict.fromkeys(Path(job.paths.folder) for job in jobs):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o700)
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        os.chmod(entry.path, 0o600)
 
 
 def executor_settings(grid: GridConfig, output: Path) -> tuple[dict[str, Any], str]:
@@ -424,7 +461,11 @@ def record_submission(
         "jobs": list(job_ids),
     }
     new = not path.exists()
-    with path.open("a") as handle:
+    with open_append(path) as handle:
+        # a line cut by a crash (disk full, a kill mid-write) is closed first: this entry is
+        # then a line of its own, not glued to the damaged one and lost with it
+        if not new and not _ends_with_newline(path):
+            handle.write("\n")
         handle.write(json.dumps(entry) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -435,6 +476,15 @@ def record_submission(
         (RunDir(spec.run_dir), {**queued, "job_id": job_id, "label": spec.label})
         for spec, job_id in zip(specs, job_ids, strict=True)
     )
+
+
+def _ends_with_newline(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+    except OSError:  # empty
+        return True
 
 
 def read_submissions(output: Path) -> list[dict[str, Any]]:
@@ -667,6 +717,7 @@ def _submit_slurm(
         chunk_specs = [spec for group in chunk_groups for spec in group]
         chunk_tasks = packed[chunk.start : chunk.start + chunk.size]
         after = queued[chunk.after][0] if chunk.after is not None else None
+        private_submitit_folder(output)
         executor = SlurmExecutor(
             folder=submitit_folder(output),
             max_num_timeout=grid.slurm.max_num_timeout,
@@ -685,6 +736,7 @@ def _submit_slurm(
                 job.job_id for job, group in zip(jobs, chunk_groups, strict=True) for _ in group
             ]
             record_submission(output, grid.name, array_id, chunk_specs, job_ids)
+        make_private(jobs)
         queued.append((array_id, len(chunk_specs)))
         shape = (
             f"array 0-{len(jobs) - 1}, at most {chunk.throttle} at a time"
@@ -716,6 +768,7 @@ def _refusal(
 def _run_local(
     grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path, console: Console
 ) -> int:
+    private_submitit_folder(output)
     executor = LocalExecutor(
         folder=submitit_folder(output), max_num_timeout=grid.slurm.max_num_timeout
     )
@@ -734,7 +787,9 @@ def _run_local(
         while pending or running:
             while pending and len(running) < parallel:
                 spec, task = pending.pop(0)
-                running.append((spec, executor.submit(task)))
+                job = executor.submit(task)
+                make_private([job])
+                running.append((spec, job))
             time.sleep(0.5)
             for spec, job in [entry for entry in running if entry[1].done()]:
                 running.remove((spec, job))

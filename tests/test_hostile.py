@@ -1,0 +1,404 @@
+"""Files other people can write (a shared data.root, a grid handed around, `--attack` text): they
+never run code and never make samat build without bound (issue 23, items 3, 4 and 9)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from samat import safeyaml
+from samat.cli import cli
+from samat.config import ConfigError, DataConfig, GridConfig, load_grid
+from samat.data import load_dataset
+from samat.grid import count_runs, expand
+from samat.safepickle import NotACifarBatch, load_cifar_batch
+from tests.test_datacheck import make_cifar
+
+# -- CIFAR's pickles ------------------------------------------------------------------------------
+
+
+class _Payload:
+    """What an attacker's pickle does on load: runs a command (here: touches a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _crafted(path: Path, marker: Path) -> None:
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": _Payload(marker)}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def test_a_crafted_cifar_pickle_in_data_root_runs_no_code_when_training(tmp_path: Path) -> None:
+    base = make_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "pwned"
+    _crafted(base / "data_batch_3", marker)
+    with pytest.raises(ConfigError) as caught:
+        load_dataset(DataConfig(name="cifar10", root=tmp_path))
+    assert not marker.exists()
+    assert str(caught.value) == (
+        f"{base / 'data_batch_3'} is not a CIFAR batch: it refers to posix.system, which no "
+        "CIFAR batch holds; replace it with the file from the CIFAR archive (samat data check "
+        "names every bad file)"
+    )
+    # the payload is real: plain pickle.load (what samat used) runs it
+    pickle.loads((base / "data_batch_3").read_bytes())
+    assert marker.exists()
+
+
+def test_data_check_names_the_crafted_file_and_runs_nothing(tmp_path: Path) -> None:
+    base = make_cifar(tmp_path, "cifar100")
+    marker = tmp_path / "pwned"
+    _crafted(base / "test", marker)
+    result = CliRunner().invoke(cli, ["data", "check", "cifar100", str(tmp_path)])
+    assert not marker.exists()
+    assert result.exit_code != 0
+    assert f"{base / 'test'}: not a CIFAR batch: it refers to " in result.output
+    assert "posix.system, which no CIFAR batch holds; replace it" in result.output
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_real_cifar_batches_load_in_every_pickle_protocol(tmp_path: Path, protocol: int) -> None:
+    """The real files are Python 2 protocol-2 pickles of numpy arrays; numpy 2 writes protocol
+    4 and 5 ones through other functions (_reconstruct, _frombuffer): all of them load."""
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    batch = {b"batch_label": b"x", b"data": data, b"labels": [3, 4], b"filenames": [b"a", b"b"]}
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    loaded = load_cifar_batch(path)
+    assert loaded.keys() == batch.keys() and loaded[b"labels"] == [3, 4]
+    assert loaded[b"data"].dtype == np.uint8 and np.array_equal(loaded[b"data"], data)
+
+
+def test_any_other_global_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({b"data": [1, 2], b"when": time.struct_time((0,) * 9)}))
+    with pytest.raises(NotACifarBatch, match="refers to time.struct_time"):
+        load_cifar_batch(path)
+
+
+# -- YAML -----------------------------------------------------------------------------------------
+
+
+def alias_bomb(levels: int = 9, fan: int = 9) -> str:
+    """Each anchor lists the previous one `fan` times: fan**levels values from ~40*levels bytes."""
+    lines = [f"l0: &l0 [{', '.join(['x'] * fan)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_in_a_grid_is_refused_at_once_in_one_line(tmp_path: Path) -> None:
+    bomb = alias_bomb()
+    indented = "".join(f"        {line}\n" for line in bomb.splitlines())
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: bomb\nbase:\n  eval:\n    attacks:\n    - attack: fgsm\n      options:\n" + indented
+    )
+    assert len(grid.read_bytes()) < 1000
+    began = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "samat", "plan", str(grid)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    elapsed = time.monotonic() - began
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, lines
+    assert "expands to more than 1,000,000 values" in lines[0] and str(grid) in lines[0]
+    assert "Traceback" not in lines[0] and not (tmp_path / "results").exists()
+    # refused before anything was built: 9**9 = 387 million values would take minutes and GBs
+    assert elapsed < 60
+
+
+def test_the_bound_counts_aliases_each_time_and_lets_ordinary_anchors_through() -> None:
+    # 9**6 = 531,441 values fit under the default bound; 9**7 do not
+    assert len(safeyaml.load(alias_bomb(levels=6))["l5"]) == 9
+    with pytest.raises(safeyaml.YAMLLimitError, match="line 7: the document expands to more"):
+        safeyaml.load(alias_bomb(levels=7))
+    with pytest.raises(safeyaml.YAMLLimitError):
+        safeyaml.load(alias_bomb(levels=2, fan=4), limit=20)  # 1 + 2 * (1 + 4 + 1 + 4 * 5)
+    assert safeyaml.load(alias_bomb(levels=2, fan=4), limit=60)["l1"] == [["x"] * 4] * 4
+    # a merge key, the usual use of anchors in a grid
+    text = "base: &b {lr: 0.1, wd: 0.0005}\nsam: {<<: *b, rho: 0.05}\n"
+    assert safeyaml.load(text)["sam"] == {"lr": 0.1, "wd": 0.0005, "rho": 0.05}
+
+
+def test_a_recursive_alias_is_refused() -> None:
+    with pytest.raises(safeyaml.YAMLLimitError, match="line 1: a recursive alias"):
+        safeyaml.load("a: &x [1, *x]\n")
+
+
+def test_duplicate_keys_are_an_error_naming_both_lines(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: d\nseeds: [0]\nbase:\n  train:\n    epochs: 1\n    epochs: 5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_grid(grid)
+    assert str(caught.value) == (
+        f"{grid}: line 6: duplicate key 'epochs' (first at line 5); keep one of them"
+    )
+    # yaml.safe_load would have kept the last one silently
+    assert yaml.safe_load(grid.read_text())["base"]["train"]["epochs"] == 5
+
+
+def test_an_attack_option_bomb_on_the_command_line_is_refused(tmp_path: Path) -> None:
+    text = "{attack: fgsm, options: {a: &a [x,x,x,x,x,x,x,x,x,x], " + ", ".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(6)
+    )
+    text += "}}"
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path), "--attack", text])
+    assert result.exit_code == 2, result.output
+    assert "expands to more than 1,000,000 values" in result.output
+
+
+# -- the number of runs ---------------------------------------------------------------------------
+
+
+def test_a_grid_of_ten_million_runs_is_refused_with_its_count(tmp_path: Path) -> None:
+    sweep = {"train.optimizer.lr": [0.1 * (i + 1) for i in range(10)]}
+    sweep.update({f"method.k{i}": list(range(10)) for i in range(5)})
+    grid = GridConfig.model_validate(
+        {"name": "big", "sweep": sweep, "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}
+    )
+    assert count_runs(grid) == 10_000_000
+    began = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        expand(grid, "big.yaml")
+    assert time.monotonic() - began < 10  # counted, not built (building one run takes ~1 ms)
+    assert str(caught.value) == (
+        "big.yaml: the grid expands to 10,000,000 runs, more than max_runs (10,000); shorten "
+        "its sweeps, variants or seeds, or raise max_runs"
+    )
+
+
+def test_max_runs_is_a_setting_and_counts_variants_and_includes() -> None:
+    grid = GridConfig.model_validate(
+        {
+            "name": "g",
+            "base": {"data": {"name": "digits"}},
+            "sweep": {"train.optimizer.lr": [0.1, 0.2]},
+            "variants": [
+                {"method.name": "standard"},
+                {"method.name": "sam", "method.rho": [0.1, 0.2]},
+            ],
+            "include": [{"method.name": "sam", "method.rho": 0.5}],
+            "seeds": [0, 1],
+            "max_runs": 14,
+        }
+    )
+    assert count_runs(grid) == (2 * (1 + 2) + 1) * 2 == 14
+    assert len(expand(grid)) == 14
+    with pytest.raises(ConfigError, match="expands to 14 runs, more than max_runs \\(13\\)"):
+        expand(grid.model_copy(update={"max_runs": 13}))
+
+
+# -- links and labels (item 1) --------------------------------------------------------------------
+
+
+def test_a_link_in_place_of_a_runs_log_is_replaced_not_followed(tmp_path: Path) -> None:
+    from samat.train import execute
+    from tests.test_train import make_run
+
+    run = make_run(tmp_path, train={"epochs": 1})
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a teammate's file\n")
+    log = run.file("log")
+    log.unlink(missing_ok=True)
+    log.symlink_to(victim)
+    execute(run.path)
+    assert victim.read_text() == "a teammate's file\n"
+    assert not log.is_symlink() and "epoch 1/1" in log.read_text()
+
+
+def test_a_link_in_place_of_the_journal_or_the_lock_is_replaced(tmp_path: Path, slurm_bin) -> None:
+    from samat.launch import submit_grid
+    from samat.launch.lock import LOCK_FILE
+    from samat.launch.submit import SUBMISSIONS, read_submissions
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import fake_slurm
+
+    fake_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=2)
+    output = Path(grid.output)
+    output.mkdir()
+    victims = {name: tmp_path / f"victim-{name}" for name in (SUBMISSIONS, LOCK_FILE)}
+    for name, victim in victims.items():
+        victim.write_text("untouched\n")
+        (output / name).symlink_to(victim)
+    assert submit_grid(grid, executor="slurm", console=recording_console()) == 0
+    assert all(victim.read_text() == "untouched\n" for victim in victims.values())
+    assert not any((output / name).is_symlink() for name in victims)
+    assert read_submissions(output)[0]["array"] == "42"
+
+
+def test_open_append_never_writes_through_a_link_and_takes_over_a_teammates_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samat.store import open_append
+
+    target = tmp_path / "target"
+    target.write_text("kept\n")
+    link = tmp_path / "log"
+    link.symlink_to(target)
+    with open_append(link) as handle:
+        handle.write("mine\n")
+    assert target.read_text() == "kept\n" and link.read_text() == "mine\n"
+    assert (link.stat().st_mode & 0o022) == 0  # never group- or world-writable
+    # a file this user may not write (a teammate's, 0644): replaced by a copy, then appended
+    theirs = tmp_path / "theirs"
+    theirs.write_text("their line\n")
+    theirs.chmod(0o444)
+    before = theirs.stat().st_ino
+    real_open, refused = os.open, []
+
+    def open_(path, flags, mode=0o777, **kwargs):
+        # what a non-root user gets on a file of a teammate's (CI runs as root, which may write)
+        if str(path) == str(theirs) and flags & os.O_WRONLY and not refused:
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    with open_append(theirs) as handle:
+        handle.write("our line\n")
+    assert refused and theirs.read_text() == "their line\nour line\n"
+    assert theirs.stat().st_ino != before  # a new file of ours, renamed over theirs
+
+
+@pytest.mark.parametrize(
+    "label", ["FGSM\n2026-01-01 INFO run done", "FGSM\r", "a\x1b[31mred", "", "  "]
+)
+def test_an_attack_label_with_a_control_character_or_empty_is_refused(label: str) -> None:
+    from samat.cli import parse_attacks
+
+    with pytest.raises(ConfigError) as caught:
+        parse_attacks((yaml.safe_dump({"attack": "fgsm", "label": label}, width=1000),))
+    message = str(caught.value)
+    assert message.startswith("--attack: eval.attacks.0.label: ") or "label" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["../..", "/tmp/x", "", "..", "a/b", " "])
+def test_a_path_like_grid_name_is_refused(tmp_path: Path, name: str) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": name, "base": {"data": {"name": "digits"}}}))
+    with pytest.raises(ConfigError) as caught:
+        load_grid(grid)
+    assert str(caught.value).startswith(f"{grid}: name: ")
+
+
+@pytest.mark.parametrize("key", ["array", "--array", "signal", "job-name", "J", "output", "time"])
+def test_additional_parameters_cannot_override_samats_own_lines(key: str) -> None:
+    with pytest.raises(ValueError, match="is a line samat writes itself"):
+        GridConfig.model_validate({"name": "g", "slurm": {"additional_parameters": {key: "1"}}})
+    ok = GridConfig.model_validate(
+        {"name": "g", "slurm": {"additional_parameters": {"mail_type": "END"}}}
+    )
+    assert ok.slurm.additional_parameters == {"mail_type": "END"}
+
+
+# -- submitit's folder (item 2) -------------------------------------------------------------------
+
+
+def test_submitits_folder_and_pickles_are_private_under_a_group_umask(
+    tmp_path: Path, slurm_bin
+) -> None:
+    from samat.launch import submit_grid
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import fake_slurm
+
+    fake_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=2)
+    previous = os.umask(0o002)
+    try:
+        assert submit_grid(grid, executor="slurm", console=recording_console()) == 0
+    finally:
+        os.umask(previous)
+    folder = Path(grid.output) / "submitit"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    pickles = list(folder.rglob("*.pkl"))
+    assert pickles, list(folder.rglob("*"))
+    assert {p.stat().st_mode & 0o777 for p in pickles} == {0o600}
+    # run files: readable by the group, writable by nobody else, whatever the umask
+    state = next(Path(grid.output).glob("runs/*/state.json"))
+    assert state.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_submitit_folder_that_is_a_link_is_refused(tmp_path: Path, slurm_bin) -> None:
+    from samat.launch import submit_grid
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import fake_slurm, sbatch_count
+
+    fake_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=1)
+    Path(grid.output).mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (Path(grid.output) / "submitit").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="submitit is not a folder samat made"):
+        submit_grid(grid, executor="slurm", console=recording_console())
+    assert sbatch_count(tmp_path) == 0 and not any((tmp_path / "elsewhere").iterdir())
+
+
+# -- the journal (item 6) -------------------------------------------------------------------------
+
+
+def test_an_entry_after_a_cut_line_is_its_own_line(tmp_path: Path, slurm_bin) -> None:
+    from samat.launch import submit_grid
+    from samat.launch.submit import SUBMISSIONS, read_submissions
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import fake_slurm
+
+    fake_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=2)
+    output = Path(grid.output)
+    output.mkdir()
+    journal = output / SUBMISSIONS
+    journal.write_text(
+        '{"time": 1, "grid": "t", "array": "7", "runs": ["a"], "jobs": ["7_0"]}\n{"ti'
+    )
+    assert submit_grid(grid, executor="slurm", console=recording_console()) == 0
+    entries = read_submissions(output)
+    assert [e["array"] for e in entries] == ["7", "42"]
+    assert journal.read_text().splitlines()[1] == '{"ti'
+
+
+# -- labels that look like rich markup (item 9) ---------------------------------------------------
+
+
+def test_labels_that_look_like_rich_markup_are_shown_as_written(tmp_path: Path) -> None:
+    import copy
+
+    from samat.store import prepare
+    from tests.conftest import TINY_BASE, finish
+
+    base = copy.deepcopy(TINY_BASE)
+    base["eval"]["attacks"] = [
+        {"attack": "fgsm", "eps": 0.1, "label": "[/]"},
+        {"attack": "fgsm", "eps": 0.2, "label": "[bold]x"},
+    ]
+    grid = GridConfig(name="m", output=tmp_path / "out", base=base, seeds=[0, 1])
+    for spec in expand(grid):
+        finish(prepare(spec))
+    result = CliRunner().invoke(cli, ["collect", str(tmp_path / "out")])
+    assert result.exit_code == 0, repr(result.exception)
+    header = next(line for line in result.output.splitlines() if "Natural" in line)
+    assert "[/]" in header and "[bold]x" in header
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid.model_dump(mode="json")))
+    result = CliRunner().invoke(cli, ["plan", str(grid_file)])
+    assert result.exit_code == 0, repr(result.exception)
+    assert "[/], [bold]x" in result.output
