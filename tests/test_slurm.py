@@ -319,7 +319,7 @@ def test_two_concurrent_submits_queue_each_run_once_on_the_cluster(tmp_path: Pat
     wait_until_ended(job)
     # a second array would still be queued under the grid's name, and be in accounting
     assert jobs_named(f"samat-{name}") == []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + WAIT_S
     while len(tasks := accounted_tasks(f"samat-{name}", job)) < 4:  # accounting lags
         assert time.monotonic() < deadline, tasks
         time.sleep(1)
@@ -397,7 +397,7 @@ def test_with_slurmctld_stopped_submit_queues_nothing_and_fails(tmp_path: Path) 
             assert time.monotonic() < deadline, tasks_of(job)
             time.sleep(0.2)
         os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + WAIT_S
         while subprocess.run(["scontrol", "ping"], capture_output=True, timeout=60).returncode == 0:
             assert time.monotonic() < deadline, "slurmctld did not stop"
             time.sleep(0.5)
