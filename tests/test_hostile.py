@@ -402,3 +402,46 @@ def test_labels_that_look_like_rich_markup_are_shown_as_written(tmp_path: Path) 
     result = CliRunner().invoke(cli, ["plan", str(grid_file)])
     assert result.exit_code == 0, repr(result.exception)
     assert "[/], [bold]x" in result.output
+
+
+# -- teammates' jobs (item 7) ---------------------------------------------------------------------
+
+
+def test_a_run_held_by_a_teammates_job_is_not_resubmitted(tmp_path: Path, slurm_bin) -> None:
+    """squeue --me and sacct without --allusers leave out a teammate's job: the run it holds
+    read as not running and was queued again. The stand-ins answer only for the job asked by
+    id, and only sacct --allusers reports it (as SLURM does for another user's job)."""
+    from samat.launch import submit_grid
+    from samat.store import RunDir, prepare
+    from tests.conftest import set_state
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import fake_slurm, sbatch_count
+
+    fake_slurm(slurm_bin, tmp_path)
+    slurm_bin(
+        "squeue",
+        'case "$*" in *--me*) exit 0 ;; *"-j 77"*) echo "77_0|RUNNING|5:00" ;; esac; exit 0',
+    )
+    slurm_bin(
+        "sacct",
+        'case "$*" in *--allusers*) echo "77_0|RUNNING|00:05:00" ;; esac; exit 0',
+    )
+    grid = make_grid(tmp_path, seeds=2)
+    runs = [prepare(spec) for spec in expand(grid)]
+    set_state(runs[0], job_id="77_0", state="running")  # a teammate's submit of the shared dir
+    console = recording_console()
+    assert submit_grid(grid, executor="slurm", console=console) == 0
+    assert "1 run to run, 1 skipped (1 running)" in console.export_text()
+    assert RunDir(runs[0].path).state().job_id == "77_0" and sbatch_count(tmp_path) == 1
+
+
+def test_jobs_the_controller_has_forgotten_are_an_answer_not_silence(slurm_bin) -> None:
+    from samat.launch import scheduler
+
+    slurm_bin("squeue", 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
+    slurm_bin("sacct", 'echo "5_0|COMPLETED|00:00:09"')
+    assert scheduler.job_states(["5_0"], need_controller=True) == {
+        "5_0": scheduler.JobInfo("COMPLETED", "00:00:09")
+    }
+    slurm_bin("squeue", 'echo "squeue: error: Unable to contact slurm controller" >&2; exit 1')
+    assert scheduler.job_states(["5_0"], need_controller=True) is None

@@ -42,12 +42,15 @@ class JobInfo:
         return self.state in ACTIVE_STATES
 
 
-def query(command: list[str]) -> str | None:
-    """stdout of a scheduler command, or None when it is missing, fails or does not answer."""
+def query(command: list[str], *, empty_if: str | None = None) -> str | None:
+    """stdout of a scheduler command, or None when it is missing, fails or does not answer; ''
+    when it fails saying `empty_if` (squeue -j of jobs the controller has forgotten)."""
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S, check=True
         )
+    except subprocess.CalledProcessError as error:
+        return "" if empty_if and empty_if in (error.stderr or "") else None
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout
@@ -116,10 +119,17 @@ def job_states(
         return {}
     known: dict[str, JobInfo] = {}
     ids = ",".join(sorted(bases))
-    sacct = query(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Elapsed", "-j", ids])
+    # whoever submitted them: a teammate's job that holds a run of a shared output directory
+    # is that run's job (sacct shows only one's own jobs without --allusers)
+    sacct = query(
+        ["sacct", "-X", "-n", "-P", "--allusers", "-o", "JobID,State,Elapsed", "-j", ids]
+    )
     if sacct is not None:
         known.update(parse_sacct(sacct))
-    squeue = query(["squeue", "-h", "-r", "--me", "-o", "%i|%T|%M"])
+    squeue = query(
+        ["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%M"],
+        empty_if="Invalid job id specified",  # none of them is queued or running any more
+    )
     for job_id, info in parse_sacct(squeue or "").items():
         if job_id.split("_")[0] in bases:
             # sacct's elapsed time reads like the rest of the table ('00:01:02', not '1:02')
