@@ -121,9 +121,7 @@ def job_states(
     ids = ",".join(sorted(bases))
     # whoever submitted them: a teammate's job that holds a run of a shared output directory
     # is that run's job (sacct shows only one's own jobs without --allusers)
-    sacct = query(
-        ["sacct", "-X", "-n", "-P", "--allusers", "-o", "JobID,State,Elapsed", "-j", ids]
-    )
+    sacct = query(["sacct", "-X", "-n", "-P", "--allusers", "-o", "JobID,State,Elapsed", "-j", ids])
     if sacct is not None:
         known.update(parse_sacct(sacct))
     squeue = query(
