@@ -514,6 +514,7 @@ RESERVED_SBATCH = {
     "dependency": "arrays chained by samat",
     "d": "arrays chained by samat",
     "wrap": "the submitit command",
+    "comment": "the journal intent that queued the array",
 }
 
 

@@ -445,3 +445,149 @@ def test_jobs_the_controller_has_forgotten_are_an_answer_not_silence(slurm_bin) 
     }
     slurm_bin("squeue", 'echo "squeue: error: Unable to contact slurm controller" >&2; exit 1')
     assert scheduler.job_states(["5_0"], need_controller=True) is None
+
+
+# -- the journal's intent (item 6) ----------------------------------------------------------------
+
+
+def intent_slurm(slurm_bin, tmp_path: Path) -> None:
+    """fake_slurm, and an squeue that lists each queued array's SLURM comment (%k) as the
+    controller does: the comment comes from the script sbatch was given."""
+    from tests.test_launch_safety import fake_slurm
+
+    fake_slurm(slurm_bin, tmp_path)
+    t = tmp_path
+    slurm_bin(
+        "squeue",
+        f"""case "$*" in
+  *'%F|%k'*) for f in {t}/script-*.sh; do [ -e "$f" ] || continue
+      n=${{f##*script-}}; n=${{n%.sh}}
+      [ -e {t}/gone-$n ] && continue
+      echo "$((41 + n))|$(sed -n 's/^#SBATCH --comment=//p' "$f")"; done ;;
+  *) cat {t}/queue 2>/dev/null ;;
+esac
+true""",
+    )
+
+
+def test_a_record_that_fails_after_sbatch_is_one_line_and_nothing_is_queued_twice(
+    tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from samat.launch import submit as submit_module
+    from samat.launch import submit_grid
+    from samat.store import RunDir
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import sbatch_count
+
+    intent_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=3)
+    real = submit_module.record_submission
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(submit_module, "record_submission", disk_full)
+    with pytest.raises(ConfigError) as caught:
+        submit_grid(grid, executor="slurm", console=recording_console())
+    assert str(caught.value) == (
+        f"SLURM queued job 42 (3 runs), but recording it in {grid.output} failed (No space left "
+        "on device); free the disk, then submit again: it finds the job by its recorded intent "
+        "and queues nothing twice"
+    )
+    monkeypatch.setattr(submit_module, "record_submission", real)
+    console = recording_console()
+    assert submit_grid(grid, executor="slurm", console=console) == 0
+    assert "nothing to submit: 0 runs to run, 3 skipped (3 queued)" in console.export_text()
+    assert sbatch_count(tmp_path) == 1
+    assert [RunDir(s.run_dir).state().job_id for s in expand(grid)] == ["42_0", "42_1", "42_2"]
+
+
+def test_a_kill_between_sbatch_and_the_record_queues_nothing_twice(
+    tmp_path: Path, slurm_bin
+) -> None:
+    """kill -9 of `samat submit` while sbatch returns: the intent is on disk, the record not."""
+    from samat.launch.submit import read_journal, read_submissions
+    from tests.test_launch_safety import sbatch_count
+
+    intent_slurm(slurm_bin, tmp_path)
+    # sbatch queues the array, then the submit is killed before it reads the answer
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.write_text(
+        sbatch.read_text().replace(
+            'echo "Submitted batch job $id"', 'kill -9 $PPID; echo "Submitted batch job $id"'
+        )
+    )
+    from tests.test_launch import make_grid
+
+    grid = make_grid(tmp_path, seeds=2)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "samat", "submit", str(grid_file), "--executor", "slurm"]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == -9 and sbatch_count(tmp_path) == 1
+    output = Path(grid.output)
+    assert read_submissions(output) == [] and "intent" in read_journal(output)[0]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing to submit: 0 runs to run, 2 skipped (2 queued)" in again.stdout
+    assert sbatch_count(tmp_path) == 1
+    assert read_submissions(output)[0]["jobs"] == ["42_0", "42_1"]
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, submit_module) -> None:
+    """The next record_submission fails as a full disk would; the one after works."""
+    real = submit_module.record_submission
+
+    def fail(*args, **kwargs):
+        monkeypatch.setattr(submit_module, "record_submission", real)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(submit_module, "record_submission", fail)
+
+
+def test_an_intent_whose_array_is_gone_is_closed_and_its_runs_queued(
+    tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samat.launch import submit as submit_module
+    from samat.launch import submit_grid
+    from samat.launch.submit import read_journal
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import sbatch_count
+
+    intent_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=2)
+    fail_once(monkeypatch, submit_module)
+    with pytest.raises(ConfigError):
+        submit_grid(grid, executor="slurm", console=recording_console())
+    (tmp_path / "gone-1").touch()  # the array was cancelled and has left the queue
+    console = recording_console()
+    assert submit_grid(grid, executor="slurm", console=console) == 0
+    assert "submitted SLURM job 43" in console.export_text() and sbatch_count(tmp_path) == 2
+    assert [e.get("closed") for e in read_journal(Path(grid.output)) if "intent" in e][:2] == [
+        None,
+        True,
+    ]
+
+
+def test_an_open_intent_with_a_silent_scheduler_queues_nothing(
+    tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samat.launch import scheduler, submit_grid
+    from samat.launch import submit as submit_module
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import sbatch_count
+
+    intent_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=2)
+    fail_once(monkeypatch, submit_module)
+    with pytest.raises(ConfigError):
+        submit_grid(grid, executor="slurm", console=recording_console())
+    monkeypatch.setattr(scheduler, "QUERY_TIMEOUT_S", 0.5)
+    slurm_bin("squeue", "exit 1")
+    console = recording_console()
+    assert submit_grid(grid, executor="slurm", console=console) == 1
+    assert "2 runs recorded as queued or running not resubmitted" in console.export_text()
+    assert sbatch_count(tmp_path) == 1

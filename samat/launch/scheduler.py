@@ -162,6 +162,20 @@ def jobs_named(name: str) -> list[tuple[str, str]] | None:
     return sorted(set(jobs))
 
 
+def job_comments(name: str) -> list[tuple[str, str]] | None:
+    """(array job id, SLURM comment) of this user's queued or running jobs named `name`; None
+    when squeue does not answer."""
+    out = query(["squeue", "-h", "--me", f"--name={name}", "-o", "%F|%k"])
+    if out is None:
+        return None
+    jobs = []
+    for line in out.splitlines():
+        job_id, _, comment = line.strip().partition("|")
+        if is_slurm_id(job_id):
+            jobs.append((job_id, comment))
+    return sorted(set(jobs))
+
+
 def scancel(job_ids: Iterable[str]) -> str | None:
     """Cancel jobs ('123' a whole array, '123_4' one task): None when done, else scancel's first
     line of complaint. Jobs that have already ended are not a complaint."""

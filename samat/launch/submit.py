@@ -71,6 +71,8 @@ T = TypeVar("T")
 ACTIONS = ("train", "eval", "done", "queued", "running", "failed", "unknown")
 # One line per submitted array: {"time", "grid", "array", "runs": [run ids], "jobs": [job ids]}.
 SUBMISSIONS = "submissions.jsonl"
+# an array's SLURM comment: which journal intent queued it (recover_intents)
+INTENT_PREFIX = "samat-intent:"
 
 
 def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
@@ -373,10 +375,17 @@ def submit_grid(
         return 0
     check_output_dir(output, create=True)
     with output_lock(output, purpose="submit", say=lambda line: say(console, line)):
+        recovered = recover_intents(output)
         replay_submissions(output, specs)
         actions = select_runs(
             specs, force=force, retry_failed=retry_failed, ignore_scheduler=ignore_scheduler
         )
+        if recovered is None and not ignore_scheduler:
+            # an earlier submit stopped between sbatch and its record, and squeue is silent:
+            # whether those runs are queued is unknown, so they are not queued again
+            for run_id in open_intent_runs(output):
+                if run_id in actions and actions[run_id].runs:
+                    actions[run_id] = Action("unknown")
         todo = [spec for spec in specs if actions[spec.run_id].runs]
         unknown = sum(action.kind == "unknown" for action in actions.values())
         say(console, _executor_line(executor, kind))
@@ -446,20 +455,9 @@ def _set_state(run: RunDir, **values: Any) -> None:
     run._write(state, sync=False)
 
 
-def record_submission(
-    output: Path, grid_name: str, array_id: str, specs: Sequence[RunSpec], job_ids: Sequence[str]
-) -> None:
-    """Append one array to `<output>/submissions.jsonl` (fsynced: the durable record), then
-    write each run's job id into its state.json (in one batch, store.change_states: not fsynced
-    one by one)."""
+def _append_entry(output: Path, entry: dict[str, Any]) -> None:
+    """One line of `<output>/submissions.jsonl`, fsynced (and its folder when it is new)."""
     path = Path(output) / SUBMISSIONS
-    entry = {
-        "time": time.time(),
-        "grid": grid_name,
-        "array": array_id,
-        "runs": [spec.run_id for spec in specs],
-        "jobs": list(job_ids),
-    }
     new = not path.exists()
     with open_append(path) as handle:
         # a line cut by a crash (disk full, a kill mid-write) is closed first: this entry is
@@ -471,9 +469,53 @@ def record_submission(
         os.fsync(handle.fileno())
     if new:
         _fsync_dir(path.parent)
+
+
+def record_intent(
+    output: Path, grid_name: str, specs: Sequence[RunSpec], tasks: Sequence[int]
+) -> str:
+    """Journal what is about to be queued, before sbatch: the runs, the array task of each, and
+    a token that goes into the array's SLURM comment. Returns the token."""
+    token = os.urandom(8).hex()
+    entry = {
+        "time": time.time(),
+        "grid": grid_name,
+        "intent": token,
+        "runs": [spec.run_id for spec in specs],
+        "tasks": list(tasks),
+    }
+    _append_entry(output, entry)
+    return token
+
+
+def record_submission(
+    output: Path,
+    grid_name: str,
+    array_id: str,
+    specs: Sequence[RunSpec],
+    job_ids: Sequence[str],
+    *,
+    intent: str | None = None,
+) -> None:
+    """Append one array to `<output>/submissions.jsonl` (fsynced: the durable record), then
+    write each run's job id into its state.json (in one batch, store.change_states: not fsynced
+    one by one)."""
+    entry = {
+        "time": time.time(),
+        "grid": grid_name,
+        "array": array_id,
+        "runs": [spec.run_id for spec in specs],
+        "jobs": list(job_ids),
+    }
+    if intent is not None:
+        entry["intent"] = intent
+    _append_entry(output, entry)
     queued = {"state": "pending", "error": None, "failure": None}
     change_states(
-        (RunDir(spec.run_dir), {**queued, "job_id": job_id, "label": spec.label})
+        (
+            RunDir(spec.run_dir),
+            {**queued, "job_id": job_id, **({"label": spec.label} if spec.label else {})},
+        )
         for spec, job_id in zip(specs, job_ids, strict=True)
     )
 
@@ -487,19 +529,90 @@ def _ends_with_newline(path: Path) -> bool:
         return True
 
 
-def read_submissions(output: Path) -> list[dict[str, Any]]:
-    """The entries of `<output>/submissions.jsonl`, oldest first (damaged lines skipped)."""
+def read_journal(output: Path) -> list[dict[str, Any]]:
+    """Every well-formed entry of `<output>/submissions.jsonl` (arrays and intents), oldest
+    first; a damaged line is skipped without its neighbours."""
     try:
-        lines = (Path(output) / SUBMISSIONS).read_text().splitlines()
+        raw = (Path(output) / SUBMISSIONS).read_bytes()
     except OSError:
         return []
     entries = []
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and len(entry.get("runs", [])) == len(entry.get("jobs", [])):
+    for line in raw.splitlines():
+        with contextlib.suppress(ValueError):  # UnicodeDecodeError and bad JSON alike
+            entry = json.loads(line.decode())
+            if isinstance(entry, dict) and isinstance(entry.get("runs"), list):
                 entries.append(entry)
     return entries
+
+
+def read_submissions(output: Path) -> list[dict[str, Any]]:
+    """The queued arrays of `<output>/submissions.jsonl`, oldest first (damaged lines skipped)."""
+    return [
+        entry
+        for entry in read_journal(output)
+        if "array" in entry
+        and isinstance(entry.get("jobs"), list)
+        and len(entry["runs"]) == len(entry["jobs"])
+    ]
+
+
+def recover_intents(output: Path) -> int | None:
+    """Record the arrays of intents that a stopped submit left unrecorded: each is looked up by
+    its SLURM comment among the queued or running jobs of its grid. An intent whose array is not
+    there (sbatch never queued it, or it has ended: its runs' own files then say what happened)
+    is closed. Returns how many arrays were recovered; None when squeue did not answer (what
+    those intents queued is then unknown)."""
+    open_intents = _open_intents(read_journal(output))
+    if not open_intents:
+        return 0
+    found: dict[str, str] = {}
+    for name in sorted({str(e.get("grid")) for e in open_intents}):
+        jobs = scheduler.job_comments(f"samat-{name}")
+        if jobs is None:
+            return None
+        for array, comment in jobs:
+            if comment.startswith(INTENT_PREFIX):
+                found[comment.removeprefix(INTENT_PREFIX)] = array
+    recovered = 0
+    for entry in open_intents:
+        array = found.get(entry["intent"])
+        if array is None:
+            close_intent(output, entry["intent"])
+            continue
+        runs, tasks = entry["runs"], entry.get("tasks") or list(range(len(entry["runs"])))
+        by_id = {run_id: Path(output) / "runs" / run_id for run_id in runs}
+        specs = [_Recovered(run_id, by_id[run_id]) for run_id in runs]
+        job_ids = [f"{array}_{task}" for task in tasks]
+        record_submission(
+            output, str(entry.get("grid")), array, specs, job_ids, intent=entry["intent"]
+        )
+        recovered += 1
+    return recovered
+
+
+def close_intent(output: Path, token: str) -> None:
+    """Journal that an intent queued nothing that is still to be found."""
+    _append_entry(output, {"time": time.time(), "intent": token, "runs": [], "closed": True})
+
+
+def _open_intents(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The intents that no recorded array or closing entry settles."""
+    settled = {e["intent"] for e in entries if "intent" in e and ("array" in e or e.get("closed"))}
+    return [e for e in entries if "intent" in e and "array" not in e and e["intent"] not in settled]
+
+
+def open_intent_runs(output: Path) -> set[str]:
+    """The runs of the open intents."""
+    return {run_id for e in _open_intents(read_journal(output)) for run_id in e["runs"]}
+
+
+@dataclass(frozen=True)
+class _Recovered:
+    """What record_submission needs of a run that an intent names."""
+
+    run_id: str
+    run_dir: Path
+    label: str | None = None
 
 
 def replay_submissions(output: Path, specs: Sequence[RunSpec]) -> int:
@@ -723,11 +836,19 @@ def _submit_slurm(
             max_num_timeout=grid.slurm.max_num_timeout,
             python=python,
         )
-        executor.update_parameters(**chunk_parameters(params, chunk, after))
+        tasks_of_runs = [task for task, group in enumerate(chunk_groups) for _ in group]
+        # the intent, durable before sbatch: a submit killed (or a journal write that fails)
+        # between sbatch and the record leaves it, and the next submit finds the array by it
+        token = record_intent(output, grid.name, chunk_specs, tasks_of_runs)
+        chunk_params = chunk_parameters(params, chunk, after)
+        chunk_params["comment"] = INTENT_PREFIX + token
+        executor.update_parameters(**chunk_params)
         with deferred_signals():
             try:
                 jobs = executor.submit_array(chunk_tasks)
             except (FailedJobError, FailedSubmissionError, OSError) as error:
+                with contextlib.suppress(OSError):
+                    close_intent(output, token)  # sbatch refused: nothing was queued
                 why = _refusal(error, number, len(chunks), queued, len(specs))
                 raise ConfigError(why) from None
             array_id = jobs[0].job_id.split("_")[0]
@@ -735,7 +856,15 @@ def _submit_slurm(
             job_ids = [
                 job.job_id for job, group in zip(jobs, chunk_groups, strict=True) for _ in group
             ]
-            record_submission(output, grid.name, array_id, chunk_specs, job_ids)
+            try:
+                record_submission(output, grid.name, array_id, chunk_specs, job_ids, intent=token)
+            except OSError as error:
+                raise ConfigError(
+                    f"SLURM queued job {array_id} ({plural(len(chunk_specs), 'run')}), but "
+                    f"recording it in {output} failed ({error.strerror or error}); free the "
+                    "disk, then submit again: it finds the job by its recorded intent and "
+                    "queues nothing twice"
+                ) from None
         make_private(jobs)
         queued.append((array_id, len(chunk_specs)))
         shape = (
