@@ -8,6 +8,7 @@ launcher; torch only where a run trains or evaluates). tests/test_scale.py keeps
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import sys
 from collections.abc import Callable
@@ -465,21 +466,31 @@ def collect(
         grid = load_grid(path)
         runs = {spec.run_id: spec.label for spec in expand(grid, str(path))}
         path = Path(grid.output)
+    from samat.errors import ConfigError
+    from samat.store import write_atomic
+
+    for target in (out, plot_file):
+        if target is not None and not target.parent.is_dir():
+            raise ConfigError(
+                f"{target}: the folder {target.parent} does not exist; create it or write "
+                "somewhere else"
+            )
     options = {"reference": reference, "ci": ci, "compare": compare, "runs": runs}
     if fmt != "table":
         text = report.render_text(path, fmt, per_run_json=per_run, **options)
         if out is None:
             click.echo(text, nl=False)
         else:
-            out.write_text(text)
+            write_atomic(out, text.encode())
             console.print(f"wrote {out}")
     else:
         table = report.render_table(path, **options)
         # a file, a pipe or a SLURM log would get rich's 80 columns: too narrow for the tables
         width = report.natural_width(table)
         if out is not None:
-            with out.open("w") as handle:
-                Console(file=handle, width=max(width, 100)).print(table)
+            buffer = io.StringIO()
+            Console(file=buffer, width=max(width, 100)).print(table)
+            write_atomic(out, buffer.getvalue().encode())
             console.print(f"wrote {out}")
         else:
             wide = console if console.is_terminal else Console(width=max(console.width, width, 100))

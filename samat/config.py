@@ -659,6 +659,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such file; check the path")
     try:
         data = safeyaml.load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; restore or rewrite the file") from None
     except safeyaml.YAMLLimitError as error:
         raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:

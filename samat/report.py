@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import statistics
 from collections.abc import Hashable, Sequence
@@ -96,7 +97,12 @@ def load_records(root: Path, runs: dict[str, str] | None = None) -> list[RunReco
     records = []
     for run in found:
         view = reader.read(run)
-        config, seed, key = reader.shared_config(view)
+        try:
+            config, seed, key = reader.shared_config(view)
+        except ConfigError as error:
+            # a damaged run's file: named, and the other runs still counted
+            logging.getLogger("samat").warning("%s; run %s left out", error, run.run_id)
+            continue
         if key not in shared:
             shared[key] = (group_id(config), config.model_dump(mode="json"), method_label(config))
         group, dumped, default_label = shared[key]

@@ -81,11 +81,16 @@ def load(text: str, *, limit: int = MAX_VALUES) -> Any:
     YAMLLimitError (a YAMLError) for a document too large once expanded or with a duplicate key."""
     loader = LOADER(text)
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check(node, limit)
-        return loader.construct_document(node)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check(node, limit)
+            return loader.construct_document(node)
+        except RecursionError:
+            raise YAMLLimitError(
+                "the document nests deeper than Python can read; flatten it"
+            ) from None
     finally:
         loader.dispose()
 

@@ -206,7 +206,7 @@ def _parse_json(raw: bytes | None) -> Any | None:
         return None
     try:
         return json.loads(raw.decode())
-    except ValueError:  # UnicodeDecodeError is one too
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting
         return None
 
 
@@ -268,7 +268,8 @@ class RunState:
         if not isinstance(data, dict):
             return cls()
         known = _STATE_FIELDS
-        state = cls(**{k: v for k, v in data.items() if k in known})
+        # a field of the wrong type (a damaged or hand-edited file) reads as its default
+        state = cls(**{k: v for k, v in data.items() if k in known and _STATE_TYPES[k](v)})
         state.extra = {k: v for k, v in data.items() if k not in known and k != "extra"}
         if state.state not in STATES:
             state.state = "pending"
@@ -286,6 +287,24 @@ class RunState:
         return getattr(self, key)
 
 
+def _is(*types: type) -> Any:
+    return lambda v: isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+
+
+_text, _count = _is(str, type(None)), _is(int)
+_STATE_TYPES: dict[str, Any] = {
+    "state": _is(str),
+    "trained": _is(bool),
+    "attempts": _count,
+    "requeues": _count,
+    "job_id": _text,
+    "error": _text,
+    "failure": _text,
+    "label": _text,
+    "host": _text,
+    "catastrophic_overfitting_epoch": _is(int, type(None)),
+    "updated": _is(int, float, type(None)),
+}
 _STATE_ORDER = tuple(f.name for f in fields(RunState) if f.name != "extra")
 _STATE_FIELDS = frozenset(_STATE_ORDER)
 

@@ -3,6 +3,7 @@ never run code and never make samat build without bound (issue 23, items 3, 4 an
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -591,3 +592,102 @@ def test_an_open_intent_with_a_silent_scheduler_queues_nothing(
     assert submit_grid(grid, executor="slurm", console=console) == 1
     assert "2 runs recorded as queued or running not resubmitted" in console.export_text()
     assert sbatch_count(tmp_path) == 1
+
+
+# -- damaged run files (item 9) -------------------------------------------------------------------
+
+
+def damaged_output(tmp_path: Path):
+    import copy
+
+    from samat.store import prepare
+    from tests.conftest import TINY_BASE, finish
+
+    grid = GridConfig(
+        name="d", output=tmp_path / "out", base=copy.deepcopy(TINY_BASE), seeds=[0, 1, 2]
+    )
+    runs = [prepare(spec) for spec in expand(grid)]
+    for run in runs:
+        finish(run)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid.model_dump(mode="json")))
+    return grid_file, runs
+
+
+def test_a_state_json_with_wrong_types_reads_as_defaults(tmp_path: Path) -> None:
+    from samat.store import RunState
+
+    _, runs = damaged_output(tmp_path)
+    runs[1].file("state.json").write_text(
+        json.dumps({"state": 5, "attempts": "x", "job_id": [1], "trained": "yes", "host": "h"})
+    )
+    state = runs[1].state()
+    assert (state.state, state.attempts, state.job_id, state.trained) == ("pending", 0, None, False)
+    assert state.host == "h"  # the well-typed fields are kept
+    assert RunState.from_json({"attempts": True}).attempts == 0  # a bool is no count
+    result = CliRunner().invoke(cli, ["status", str(tmp_path / "out")])
+    assert result.exit_code == 0, repr(result.exception)
+    assert "3 runs: 3 done" in result.output
+
+
+def test_a_non_utf8_config_is_one_line_and_collect_lists_the_other_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    grid_file, runs = damaged_output(tmp_path)
+    bad = runs[1].file("config.yaml")
+    bad.write_bytes(b"\xff\xfe data: {name: \x80}")
+    result = CliRunner().invoke(cli, ["collect", str(tmp_path / "out")])
+    assert result.exit_code == 0, repr(result.exception)
+    assert "2/2 runs done" in result.output
+    assert f"{bad}: not UTF-8 text; restore or rewrite the file; run {runs[1].run_id} left out" in (
+        caplog.text
+    )
+    result = CliRunner().invoke(cli, ["submit", str(grid_file), "--dry-run", "--executor", "local"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {bad}: not UTF-8 text; restore or rewrite the file"
+
+
+def test_deeply_nested_json_and_yaml_are_damaged_files_not_tracebacks(tmp_path: Path) -> None:
+    _, runs = damaged_output(tmp_path)
+    runs[1].file("result.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = CliRunner().invoke(cli, ["status", str(tmp_path / "out")])
+    assert result.exit_code == 0, repr(result.exception)
+    assert "3 runs: 2 done, 1 pending" in result.output  # its result is unreadable: not done
+    # libyaml refuses very deep nesting itself; below its limit, Python's recursion would end
+    # the size check: either is one line about the file
+    for depth in (900, 5000):
+        deep = tmp_path / f"deep{depth}.yaml"
+        deep.write_text("name: x\nbase: " + "[" * depth + "]" * depth + "\n")
+        with pytest.raises(ConfigError) as caught:
+            load_grid(deep)
+        assert str(caught.value).startswith(f"{deep}: ") and "\n" not in str(caught.value)
+
+
+def test_a_journal_entry_with_a_bad_time_is_read_as_the_oldest(tmp_path: Path, slurm_bin) -> None:
+    from samat.launch import submit_grid
+    from samat.launch.submit import SUBMISSIONS
+    from tests.test_launch import recording_console
+    from tests.test_launch_safety import fake_slurm
+
+    fake_slurm(slurm_bin, tmp_path)
+    grid_file, runs = damaged_output(tmp_path)
+    entry = {"time": "yesterday", "grid": "d", "array": "4", "runs": [runs[0].run_id]}
+    (tmp_path / "out" / SUBMISSIONS).write_text(json.dumps({**entry, "jobs": ["4_0"]}) + "\n")
+    console = recording_console()
+    assert submit_grid(load_grid(grid_file), executor="slurm", console=console) == 0
+    assert "nothing to submit: 0 runs to run, 3 skipped (3 done)" in console.export_text()
+
+
+def test_collect_out_into_a_missing_folder_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    damaged_output(tmp_path)
+    target = tmp_path / "missing" / "table.csv"
+    for fmt in ("csv", "table"):
+        result = CliRunner().invoke(
+            cli, ["collect", str(tmp_path / "out"), "--format", fmt, "--out", str(target)]
+        )
+        assert result.exit_code == 2
+        assert result.output.strip() == (
+            f"error: {target}: the folder {target.parent} does not exist; create it or write "
+            "somewhere else"
+        )
+    assert not target.parent.exists()

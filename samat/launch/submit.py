@@ -615,13 +615,19 @@ class _Recovered:
     label: str | None = None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def replay_submissions(output: Path, specs: Sequence[RunSpec]) -> int:
     """Put the last recorded job id back into each state.json that has not changed since the
     submission and lacks it (a crash between the journal and the state files); the count."""
     latest: dict[str, tuple[str, float]] = {}
     for entry in read_submissions(output):
         for run_id, job_id in zip(entry["runs"], entry["jobs"], strict=True):
-            latest[run_id] = (str(job_id), float(entry.get("time", 0)))
+            when = entry.get("time")
+            # a damaged time reads as the oldest: it never overrides a newer state.json
+            latest[run_id] = (str(job_id), float(when) if _is_number(when) else 0.0)
     replayed = 0
     for spec in specs:
         # a new run of a submit that stopped before recording its job id has no state.json
