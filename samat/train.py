@@ -17,6 +17,7 @@ import torch
 from rich.progress import Progress, TimeElapsedColumn
 
 from samat import __version__, attacks, methods, models, tasks, versions
+from samat.claim import claim
 from samat.config import (
     AdversarialMethod,
     AttackSpec,
@@ -315,8 +316,16 @@ def execute(
     `job_id` is the scheduler's id of the task doing this (None outside a launcher task). When
     `stop` is set (a time-limit or preemption signal), training checkpoints at the next step
     boundary and evaluation stores the batch in progress; then `Interrupted` is raised.
+
+    The whole of it holds the run's claim (samat.claim): a run another live process trains or
+    evaluates raises RunClaimed, with nothing of the run touched.
     """
     run = RunDir(run_dir)
+    with claim(run.path, job_id):
+        return _bring_up_to_date(run, job_id, stop)
+
+
+def _bring_up_to_date(run: RunDir, job_id: str | None, stop: StopFlag | None) -> dict[str, Any]:
     config = run.config()
     handler = RunLogHandler(run.file(LOG))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

@@ -691,3 +691,81 @@ def test_collect_out_into_a_missing_folder_is_one_line_and_writes_nothing(tmp_pa
             "somewhere else"
         )
     assert not target.parent.exists()
+
+
+# -- one writer per run (item 5) ------------------------------------------------------------------
+
+
+def test_a_run_is_trained_by_one_process_at_a_time_and_freed_by_kill_9(
+    tmp_path: Path, slurm_bin
+) -> None:
+    """A `samat run` holds the run's claim: while it lives (here frozen with SIGSTOP, so that
+    the checks cannot race its end), a second execute refuses without touching the run, submit
+    counts it as running, `samat eval` leaves it; kill -9 frees it, and the next execute resumes."""
+    import signal
+
+    from samat import claim
+    from samat.launch.submit import select_runs
+    from samat.store import RunDir, prepare
+    from samat.train import execute
+    from tests.test_launch import make_grid
+
+    slurm_bin("squeue", "exit 0")
+    slurm_bin("sacct", "exit 0")
+    grid = make_grid(tmp_path, seeds=1)
+    grid.base["train"]["epochs"] = 50  # longer than the test needs: it is stopped, then killed
+    (spec,) = expand(grid)
+    run = prepare(spec)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-m", "samat", "run", str(run.path)], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while claim.holder(run.path) is None:
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        child.send_signal(signal.SIGSTOP)
+        who = claim.holder(run.path)
+        assert who.startswith(f"pid {child.pid} on ")
+        before = run.file("state.json").read_bytes()
+        with pytest.raises(claim.RunClaimed, match=f"by pid {child.pid} on .*not started twice"):
+            execute(run.path)
+        assert run.file("state.json").read_bytes() == before
+        assert select_runs([spec])[spec.run_id].kind == "running"
+        # the holder survives another process's look (flock: closing a probe does not drop it)
+        assert claim.holder(run.path) == who
+    finally:
+        child.kill()
+        child.wait()
+    assert claim.holder(run.path) is None  # the kernel released it with the process
+    result = execute(run.path)
+    assert result["run_id"] == run.run_id and RunDir(run.path).state().state == "done"
+
+
+def test_samat_eval_leaves_a_run_that_another_process_holds(tmp_path: Path) -> None:
+    from samat import claim
+    from samat.launch.submit import evaluate_runs
+    from tests.conftest import finish
+    from tests.test_launch import fake_runs, recording_console
+
+    runs = fake_runs(tmp_path, 2)
+    for run in runs:
+        finish(run)
+    attack = {"attack": "fgsm", "eps": 0.05, "label": "extra"}
+    from samat.config import AttackSpec
+
+    with claim.claim(runs[0].path, job_id="9_0"):
+        console = recording_console()
+        code = evaluate_runs(
+            tmp_path / "out",
+            [AttackSpec.model_validate(attack)],
+            n_examples=None,
+            executor="local",
+            console=console,
+        )
+    assert code == 0
+    text = console.export_text()
+    assert (
+        "1 run to evaluate, 1 skipped (1 busy in another process or job: see samat status)" in text
+    )
+    assert "extra" not in json.dumps(runs[0].eval_request().model_dump(mode="json"))
+    assert "extra" in json.dumps(runs[1].eval_request().model_dump(mode="json"))

@@ -46,6 +46,7 @@ from submitit import LocalExecutor, SlurmExecutor
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
+from samat import claim
 from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig, validate_run
 from samat.grid import RunSpec, expand, preflight
 from samat.launch import container, scheduler
@@ -307,6 +308,10 @@ def select_runs(
         job = (jobs or {}).get(str(state.job_id))
         if job is not None and job.active:
             actions[spec.run_id] = Action("running" if job.state == "RUNNING" else "queued")
+        elif claim.holder(run.path) is not None:
+            # a live process trains or evaluates it (a local task a killed submit left behind,
+            # a `samat run` in a terminal): not started twice
+            actions[spec.run_id] = Action("running")
         elif (
             jobs is None
             and not ignore_scheduler
@@ -737,7 +742,10 @@ def evaluate_runs(
         raise ConfigError("--executor slurm takes the grid file as TARGET (its slurm section)")
     with output_lock(output, purpose="eval", say=lambda line: say(console, line)):
         changes, untrained = [], 0
+        busy = _busy_runs(dirs)
         for run in dirs:
+            if run.run_id in busy:
+                continue
             if not run.state().trained:
                 untrained += 1
                 continue
@@ -769,7 +777,10 @@ def evaluate_runs(
             if missing_records(run, config) or not run.is_complete():
                 run.mark_pending()
                 todo.append(RunSpec(run.run_id, config, run.state().label or run.run_id, run.path))
-        note = f" ({untrained} not trained yet: submit the grid first)" if untrained else ""
+        notes = [f"{untrained} not trained yet: submit the grid first"] if untrained else []
+        if busy:
+            notes.append(f"{len(busy)} busy in another process or job: see samat status")
+        note = f" ({'; '.join(notes)})" if notes else ""
         skipped = len(dirs) - len(todo)
         say(console, f"{plural(len(todo), 'run')} to evaluate, {skipped} skipped{note}")
         if not todo:
@@ -777,6 +788,20 @@ def evaluate_runs(
         commands = container_commands(grid.container, todo, output, grid.slurm)
         container.write_env_file(grid.container, output)
         return _launch(grid, todo, kind, output, commands, console=console)
+
+
+def _busy_runs(runs: Sequence[RunDir]) -> set[str]:
+    """Runs that another live process holds (their claim) or a queued or running job of the
+    scheduler owns: `samat eval` leaves them to it."""
+    busy = {run.run_id for run in runs if claim.holder(run.path) is not None}
+    states = {run.run_id: run.state() for run in runs if run.run_id not in busy}
+    ids = [str(s.job_id) for s in states.values() if scheduler.is_slurm_id(str(s.job_id or ""))]
+    jobs = scheduler.job_states(ids) if ids else {}
+    for run_id, state in states.items():
+        job = (jobs or {}).get(str(state.job_id))
+        if job is not None and job.active:
+            busy.add(run_id)
+    return busy
 
 
 def _executor_line(asked: str, kind: str) -> str:

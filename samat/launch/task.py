@@ -23,6 +23,7 @@ from typing import Any
 from submitit import JobEnvironment
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from samat import claim
 from samat.launch import container
 from samat.store import LOG, RunDir
 
@@ -75,6 +76,11 @@ class RunTask(Checkpointable):
 
     def __call__(self) -> dict[str, Any] | None:
         run = RunDir(self.run_dir)
+        who = claim.holder(run.path)
+        if who is not None:  # another live process has it: touch nothing of the run
+            raise claim.RunClaimed(
+                f"run {run.run_id} is being trained or evaluated by {who}; not started twice"
+            )
         if self.requeued:
             run.mark_requeued()
             self.requeued = False
