@@ -769,3 +769,40 @@ def test_samat_eval_leaves_a_run_that_another_process_holds(tmp_path: Path) -> N
     )
     assert "extra" not in json.dumps(runs[0].eval_request().model_dump(mode="json"))
     assert "extra" in json.dumps(runs[1].eval_request().model_dump(mode="json"))
+
+
+def test_sigterm_stops_an_in_process_task_with_its_progress_stored(tmp_path: Path) -> None:
+    """Preemption without a container: SIGTERM is handled like the time-limit signal (stop at a
+    step boundary, checkpoint), then its own handler runs (submitit's, here a recorder)."""
+    import signal
+    import threading
+
+    from samat.evaluate import Interrupted
+    from samat.launch import RunTask
+    from samat.store import prepare
+    from tests.test_launch import make_grid
+
+    grid = make_grid(tmp_path, seeds=1)
+    grid.base["train"]["epochs"] = 200
+    (spec,) = expand(grid)
+    run = prepare(spec)
+
+    def after_first_epoch() -> None:
+        deadline = time.monotonic() + 300
+        while not run.metrics() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+    try:
+        sender = threading.Thread(target=after_first_epoch, daemon=True)
+        sender.start()
+        with pytest.raises(Interrupted):
+            RunTask(run.path)()
+        sender.join(timeout=60)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIGTERM]
+    assert 1 <= len(run.metrics()) < 200 and run.file("checkpoint.safetensors").is_file()
+    assert "stopped: progress is stored" in run.file("log").read_text()

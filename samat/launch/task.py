@@ -98,16 +98,21 @@ class RunTask(Checkpointable):
         from samat.train import execute
 
         flag = StopFlag()
-        limit = time_limit_signal()
-        previous = signal.signal(limit, flag.set)
+        # the time limit (USR2) and SIGTERM (preemption, scancel) alike: training stops at the
+        # next step boundary with its progress stored, then the signal's own handler runs
+        signals = (time_limit_signal(), signal.SIGTERM)
+        previous = {signum: signal.signal(signum, flag.set) for signum in signals}
         try:
             return execute(self.run_dir, job_id=own_job_id(), stop=flag)
-        except Interrupted:
-            # progress is on disk: now submitit's own handler checkpoints and requeues
-            _call(previous, limit)
+        except Interrupted as stopped:
+            # progress is on disk: now submitit's own handler checkpoints and requeues (USR2),
+            # or ends the task (SIGTERM)
+            signum = stopped.signum if stopped.signum in previous else signals[0]
+            _call(previous[signum], signum)
             raise
         finally:
-            signal.signal(limit, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _run_container(self, run: RunDir, argv: list[str]) -> dict[str, Any] | None:
         job_id = own_job_id()
