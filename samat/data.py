@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from samat.config import ConfigError, DataConfig
+from samat.files import atomic_file
 from samat.safepickle import NotACifarBatch, load_cifar_batch
 
 # Fixed seed for the digits split, subsets and synthetic data: every run, whatever its own seed,
@@ -277,18 +278,11 @@ def _decode(files: list[tuple[Path, int]]) -> Split:
 
 
 def _write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    # A read-only data.root only costs the decoding again next time; concurrent runs each write a
-    # complete temp file and rename it, so a reader never sees half a cache.
-    try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".samat-cache-", suffix=".tmp")
-    except OSError:
-        return
-    os.close(fd)
-    try:
+    # a read-only data.root only costs the decoding again next time; concurrent runs each write
+    # a complete temp file and rename it (files.atomic_file), so a reader never sees half a
+    # cache, and the group can read it (no mkstemp 0600 in a shared root)
+    with contextlib.suppress(OSError), atomic_file(path, sync=False, make_parent=False) as temp:
         save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    except OSError:
-        Path(temp).unlink(missing_ok=True)
 
 
 class DeviceLoader:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import hashlib
 import json
 import os
@@ -37,6 +36,9 @@ import yaml
 
 from samat import safeyaml
 from samat.errors import ConfigError
+from samat.files import current_umask, fsync_dir, temp_file
+from samat.files import open_append as open_append  # re-exported: the run files' writers
+from samat.files import write_atomic as write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -64,76 +66,6 @@ class CheckpointError(ConfigError):
     """A checkpoint file that cannot be read."""
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _temp_file(path: Path) -> tuple[int, str]:
-    """A new file `.name.XXXXXXXXXXXX.tmp` beside path, open for writing: 0644 less the umask,
-    readable by the group (no mkstemp 0600) and never writable by it, whatever the umask (a
-    teammate replaces a run's file by renaming a new one over it, which needs only the
-    directory's write bit)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = os.path.join(path.parent, f".{path.name}.{os.urandom(6).hex()}.tmp")
-        try:
-            return os.open(tmp, flags, 0o644), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temp file name beside {path}")
-
-
-def open_append(path: Path) -> Any:
-    """`path` open for appending text, never through a link: a symbolic link put where a run's
-    log or the journal should be (by a teammate with write access to a shared output directory)
-    is removed and a new file made in its place, so nothing samat writes lands in the link's
-    target. Created 0644 less the umask: readable by the group, never writable by it."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except PermissionError:
-        # a teammate's file (group-readable, not writable): replaced by our own copy of it
-        write_atomic(path, Path(path).read_bytes())
-        fd = os.open(path, flags, 0o644)
-    except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-        os.unlink(path)  # the link itself, not its target
-        fd = os.open(path, flags | os.O_EXCL, 0o644)
-    return os.fdopen(fd, "a", encoding="utf-8")
-
-
-def _fsync_dir(path: Path) -> None:
-    # a rename is durable only once the directory entry is: matters on NFS and after power loss
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if sync:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if sync:
-        _fsync_dir(path.parent)
-
-
 def write_batch(files: Sequence[tuple[Path, bytes]]) -> None:
     """Write many files, each atomically (temp file + rename) and none fsynced on its own: every
     temp file first, one flush of their filesystem (sync_filesystem), then the renames. Renaming
@@ -142,7 +74,7 @@ def write_batch(files: Sequence[tuple[Path, bytes]]) -> None:
     temps: list[str] = []
     try:
         for path, data in files:
-            fd, tmp = _temp_file(Path(path))
+            fd, tmp = temp_file(Path(path))
             temps.append(tmp)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -805,7 +737,7 @@ def _create_run_dir(
     run.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{run.run_id}.", suffix=".tmp", dir=run.path.parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir gives, not mkdtemp's 0700
+        os.chmod(tmp, 0o777 & ~current_umask())  # what mkdir gives, not mkdtemp's 0700
         for name, data in files.items():
             fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as handle:
@@ -814,7 +746,7 @@ def _create_run_dir(
                     handle.flush()
                     os.fsync(handle.fileno())
         if sync:
-            _fsync_dir(Path(tmp))
+            fsync_dir(Path(tmp))
         try:
             os.rename(tmp, run.path)
         except OSError:  # made meanwhile (not empty): prepare it as an existing one
@@ -824,7 +756,7 @@ def _create_run_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if sync:
-        _fsync_dir(run.path.parent)
+        fsync_dir(run.path.parent)
     return True
 
 

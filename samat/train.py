@@ -292,7 +292,7 @@ def slurm_job_id() -> str | None:
 
 
 class RunLogHandler(logging.FileHandler):
-    """The run's log file, opened through store.open_append: never through a link."""
+    """The run's log file, opened through files.open_append: never through a link."""
 
     def _open(self) -> Any:
         return open_append(Path(self.baseFilename))

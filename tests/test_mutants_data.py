@@ -54,7 +54,7 @@ def test_a_cache_write_goes_through_a_hidden_temp_file_in_the_root(tmp_path, mon
     _write_cache(cache, {"x": torch.zeros(1)}, {"version": "1"})
     (temp,) = seen
     assert temp.parent == tmp_path
-    assert temp.name.startswith(".samat-cache-") and temp.name.endswith(".tmp")
+    assert temp.name.startswith(".cache.safetensors.") and temp.name.endswith(".tmp")
     assert list(tmp_path.iterdir()) == [] and not cache.exists()
 
 

@@ -19,11 +19,11 @@ import os
 import re
 import shlex
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from samat.config import ConfigError, ContainerConfig, SlurmConfig
+from samat.files import write_atomic
 
 # Images that Apptainer and pyxis fetch themselves: no local file has to exist.
 REMOTE_PREFIXES = (
@@ -134,16 +134,7 @@ def write_env_file(cfg: ContainerConfig, output: Path) -> Path | None:
     path = _absolute(output) / ENV_FILE
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".container.env.", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(env_file_text(cfg))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, env_file_text(cfg).encode(), mode=0o600)  # secrets: the user alone
     return path
 
 

@@ -48,6 +48,7 @@ from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
 from samat import claim
 from samat.config import ConfigError, ContainerConfig, GridConfig, SlurmConfig, validate_run
+from samat.files import fsync_dir, open_append
 from samat.grid import RunSpec, expand, preflight
 from samat.launch import container, scheduler
 from samat.launch.lock import output_lock
@@ -62,7 +63,6 @@ from samat.store import (
     change_states,
     find_runs,
     missing_records,
-    open_append,
     prepare,
     sync_filesystem,
 )
@@ -473,7 +473,7 @@ def _append_entry(output: Path, entry: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     if new:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def record_intent(
@@ -645,15 +645,6 @@ def replay_submissions(output: Path, specs: Sequence[RunSpec]) -> int:
             _set_state(run, state="pending", job_id=job_id, error=None, failure=None)
             replayed += 1
     return replayed
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -9,9 +9,9 @@ at most 500, so `DEFAULT_SIZES` only pads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from samat.config import ConfigError
+from samat.files import atomic_file
 from samat.segmentation.loss import IGNORE_INDEX
 
 DEFAULT_SIZES = {"stanford_background": 320, "voc2012": 512}
@@ -266,15 +267,8 @@ def _decode(
 
 
 def _write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    # As samat.data's Tiny-ImageNet cache: a read-only root only costs decoding again next time,
-    # and each writer renames a complete temp file, so a reader never sees half a cache.
-    try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".samat-cache-", suffix=".tmp")
-    except OSError:
-        return
-    os.close(fd)
-    try:
+    # a read-only data.root only costs the decoding again next time; concurrent runs each write
+    # a complete temp file and rename it (files.atomic_file), so a reader never sees half a
+    # cache, and the group can read it (no mkstemp 0600 in a shared root)
+    with contextlib.suppress(OSError), atomic_file(path, sync=False, make_parent=False) as temp:
         save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    except OSError:
-        Path(temp).unlink(missing_ok=True)

@@ -24,7 +24,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -210,11 +209,10 @@ def load_hownet_candidates(path: str | os.PathLike[str]) -> dict[str, list[str]]
 
 
 def _write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".samat-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, sort_keys=True)
-    os.replace(temp, path)
+    from samat.files import write_atomic
+
+    text = json.dumps(data, ensure_ascii=False, sort_keys=True)
+    write_atomic(path, text.encode("utf-8"), sync=False)
 
 
 def sememe_candidates(
