@@ -806,3 +806,22 @@ def test_sigterm_stops_an_in_process_task_with_its_progress_stored(tmp_path: Pat
     assert seen == [signal.SIGTERM]
     assert 1 <= len(run.metrics()) < 200 and run.file("checkpoint.safetensors").is_file()
     assert "stopped: progress is stored" in run.file("log").read_text()
+
+
+def test_a_file_system_without_locks_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import fcntl
+
+    from samat import claim
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError) as caught, claim.claim(tmp_path):
+        pass
+    assert str(caught.value) == (
+        f"{tmp_path / '.claim'}: this file system does not support locks (Function not "
+        "implemented); put the output directory on one that does (Lustre: mount with -o flock)"
+    )
+    assert claim.holder(tmp_path) is None  # nobody can hold what cannot be taken
