@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from samat.errors import ConfigError
+from samat.files import open_no_follow
 
 CLAIM_FILE = ".claim"
 
@@ -34,14 +35,7 @@ class RunClaimed(ConfigError):
 def _open(path: Path) -> int:
     # writable by the group: a teammate's task must be able to take a shared run's claim; the
     # file only names the holder. Never through a link (a link is replaced).
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    try:
-        return os.open(path, flags, 0o666)
-    except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-        os.unlink(path)
-        return os.open(path, flags | os.O_EXCL, 0o666)
+    return open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o666)
 
 
 def _try_lock(fd: int, path: Path) -> bool:

@@ -37,19 +37,27 @@ def open_append(path: Path) -> Any:
     log or the journal should be (by a teammate with write access to a shared output directory)
     is removed and a new file made in its place, so nothing samat writes lands in the link's
     target. Created 0644 less the umask: readable by the group, never writable by it."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = open_no_follow(path, flags, 0o644)
     except PermissionError:
         # a teammate's file (group-readable, not writable): replaced by our own copy of it
         write_atomic(path, Path(path).read_bytes())
-        fd = os.open(path, flags, 0o644)
+        fd = open_no_follow(path, flags, 0o644)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def open_no_follow(path: Path, flags: int, mode: int) -> int:
+    """os.open that never follows a link in place of `path`: the link itself is removed (its
+    target untouched) and a new file made. flags should hold O_CREAT."""
+    flags |= os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags, mode)
     except OSError as error:
         if error.errno != errno.ELOOP:
             raise
-        os.unlink(path)  # the link itself, not its target
-        fd = os.open(path, flags | os.O_EXCL, 0o644)
-    return os.fdopen(fd, "a", encoding="utf-8")
+        os.unlink(path)
+        return os.open(path, flags | os.O_EXCL, mode)
 
 
 def fsync_dir(path: Path) -> None:

@@ -549,20 +549,29 @@ def fail_once(monkeypatch: pytest.MonkeyPatch, submit_module) -> None:
     monkeypatch.setattr(submit_module, "record_submission", fail)
 
 
-def test_an_intent_whose_array_is_gone_is_closed_and_its_runs_queued(
-    tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def an_open_intent(tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch) -> GridConfig:
+    """A grid whose submit queued job 42 and then failed to record it: an open intent."""
     from samat.launch import submit as submit_module
     from samat.launch import submit_grid
-    from samat.launch.submit import read_journal
     from tests.test_launch import make_grid, recording_console
-    from tests.test_launch_safety import sbatch_count
 
     intent_slurm(slurm_bin, tmp_path)
     grid = make_grid(tmp_path, seeds=2)
     fail_once(monkeypatch, submit_module)
     with pytest.raises(ConfigError):
         submit_grid(grid, executor="slurm", console=recording_console())
+    return grid
+
+
+def test_an_intent_whose_array_is_gone_is_closed_and_its_runs_queued(
+    tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samat.launch import submit_grid
+    from samat.launch.submit import read_journal
+    from tests.test_launch import recording_console
+    from tests.test_launch_safety import sbatch_count
+
+    grid = an_open_intent(tmp_path, slurm_bin, monkeypatch)
     (tmp_path / "gone-1").touch()  # the array was cancelled and has left the queue
     console = recording_console()
     assert submit_grid(grid, executor="slurm", console=console) == 0
@@ -577,15 +586,10 @@ def test_an_open_intent_with_a_silent_scheduler_queues_nothing(
     tmp_path: Path, slurm_bin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from samat.launch import scheduler, submit_grid
-    from samat.launch import submit as submit_module
-    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch import recording_console
     from tests.test_launch_safety import sbatch_count
 
-    intent_slurm(slurm_bin, tmp_path)
-    grid = make_grid(tmp_path, seeds=2)
-    fail_once(monkeypatch, submit_module)
-    with pytest.raises(ConfigError):
-        submit_grid(grid, executor="slurm", console=recording_console())
+    grid = an_open_intent(tmp_path, slurm_bin, monkeypatch)
     monkeypatch.setattr(scheduler, "QUERY_TIMEOUT_S", 0.5)
     slurm_bin("squeue", "exit 1")
     console = recording_console()

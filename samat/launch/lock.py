@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from samat.config import ConfigError
+from samat.files import open_no_follow
 
 LOCK_FILE = ".samat.lock"
 # Seconds between two tries while another process holds the lock.
@@ -105,14 +106,7 @@ def _open_lock_file(path: Path) -> int:
     name into the link's target): a link is removed and the file made anew. Writable by the
     group, as teammates sharing the output directory must take the lock too (a POSIX lock needs
     a descriptor open for writing); it holds only the holder's name, nothing samat runs."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    try:
-        return os.open(path, flags, 0o666)
-    except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-        os.unlink(path)
-        return os.open(path, flags | os.O_EXCL, 0o666)
+    return open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o666)
 
 
 def _acquire(

@@ -151,28 +151,24 @@ def array_id(job_id: str) -> str:
 def jobs_named(name: str) -> list[tuple[str, str]] | None:
     """(array job id, batch script path) of this user's queued or running jobs named `name`;
     None when squeue does not answer. %F, the array's id: %A is each running task's own id."""
-    out = query(["squeue", "-h", "--me", f"--name={name}", "-o", "%F|%o"])
-    if out is None:
-        return None
-    jobs = []
-    for line in out.splitlines():
-        job_id, _, command = line.strip().partition("|")
-        if is_slurm_id(job_id):
-            jobs.append((job_id, command))
-    return sorted(set(jobs))
+    return _named(name, "%o")
 
 
 def job_comments(name: str) -> list[tuple[str, str]] | None:
     """(array job id, SLURM comment) of this user's queued or running jobs named `name`; None
     when squeue does not answer."""
-    out = query(["squeue", "-h", "--me", f"--name={name}", "-o", "%F|%k"])
+    return _named(name, "%k")
+
+
+def _named(name: str, field: str) -> list[tuple[str, str]] | None:
+    out = query(["squeue", "-h", "--me", f"--name={name}", "-o", f"%F|{field}"])
     if out is None:
         return None
     jobs = []
     for line in out.splitlines():
-        job_id, _, comment = line.strip().partition("|")
+        job_id, _, value = line.strip().partition("|")
         if is_slurm_id(job_id):
-            jobs.append((job_id, comment))
+            jobs.append((job_id, value))
     return sorted(set(jobs))
 
 

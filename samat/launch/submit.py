@@ -482,15 +482,12 @@ def record_intent(
     """Journal what is about to be queued, before sbatch: the runs, the array task of each, and
     a token that goes into the array's SLURM comment. Returns the token."""
     token = os.urandom(8).hex()
-    entry = {
-        "time": time.time(),
-        "grid": grid_name,
-        "intent": token,
-        "runs": [spec.run_id for spec in specs],
-        "tasks": list(tasks),
-    }
-    _append_entry(output, entry)
+    _append_entry(output, _entry(grid_name, specs, intent=token, tasks=list(tasks)))
     return token
+
+
+def _entry(grid_name: str, specs: Sequence[RunSpec], **fields: Any) -> dict[str, Any]:
+    return {"time": time.time(), "grid": grid_name, "runs": [s.run_id for s in specs], **fields}
 
 
 def record_submission(
@@ -505,13 +502,7 @@ def record_submission(
     """Append one array to `<output>/submissions.jsonl` (fsynced: the durable record), then
     write each run's job id into its state.json (in one batch, store.change_states: not fsynced
     one by one)."""
-    entry = {
-        "time": time.time(),
-        "grid": grid_name,
-        "array": array_id,
-        "runs": [spec.run_id for spec in specs],
-        "jobs": list(job_ids),
-    }
+    entry = _entry(grid_name, specs, array=array_id, jobs=list(job_ids))
     if intent is not None:
         entry["intent"] = intent
     _append_entry(output, entry)
