@@ -578,7 +578,8 @@ def recover_intents(output: Path) -> int | None:
         runs, tasks = entry["runs"], entry.get("tasks") or list(range(len(entry["runs"])))
         by_id = {run_id: Path(output) / "runs" / run_id for run_id in runs}
         specs = [_Recovered(run_id, by_id[run_id]) for run_id in runs]
-        job_ids = [f"{array}_{task}" for task in tasks]
+        # submitit queues a one-task array as a plain job: its id has no index
+        job_ids = [array if len(set(tasks)) == 1 else f"{array}_{task}" for task in tasks]
         record_submission(
             output, str(entry.get("grid")), array, specs, job_ids, intent=entry["intent"]
         )
