@@ -58,6 +58,10 @@ CHECKPOINT_BEST, EVAL_REQUEST, EVALS = "checkpoint-best.safetensors", "eval.json
 STATES = ("pending", "running", "done", "failed", "cancelled")
 # Keys a result.json must have to count as complete (a run killed mid-write leaves none of it).
 RESULT_KEYS = ("run_id", "natural", "robust", "average_robust")
+# state.json's count of a run's infrastructure failures since it last succeeded; a submit
+# retries such a run until the count reaches MAX_INFRA_FAILURES, then only with --retry-failed
+INFRA_FAILURES = "infra_failures"
+MAX_INFRA_FAILURES = 3
 # Prefix of the folders that `--force` moves a run's previous training into.
 REPLACED = "replaced-"
 
@@ -326,11 +330,19 @@ class RunDir:
         return self._change(trained=True)
 
     def mark_done(self) -> RunState:
-        return self._change(state="done", error=None, failure=None)
+        state = self.state()
+        state.extra.pop(INFRA_FAILURES, None)
+        state.state, state.error, state.failure = "done", None, None
+        return self._write(state)
 
     def mark_failed(self, error: str, *, deterministic: bool) -> RunState:
-        kind = "deterministic" if deterministic else "infra"
-        return self._change(state="failed", error=error, failure=kind)
+        state = self.state()
+        if not deterministic:  # counted: a resubmit retries it a bounded number of times
+            count = state.extra.get(INFRA_FAILURES)
+            state.extra[INFRA_FAILURES] = (count if isinstance(count, int) else 0) + 1
+        state.state, state.error = "failed", error
+        state.failure = "deterministic" if deterministic else "infra"
+        return self._write(state)
 
     def mark_cancelled(self) -> RunState:
         return self._change(state="cancelled")

@@ -829,3 +829,40 @@ def test_a_file_system_without_locks_is_one_line(tmp_path: Path, monkeypatch) ->
         "implemented); put the output directory on one that does (Lustre: mount with -o flock)"
     )
     assert claim.holder(tmp_path) is None  # nobody can hold what cannot be taken
+
+
+def test_leftover_temp_folders_of_a_killed_prepare_are_cleaned(tmp_path: Path, slurm_bin) -> None:
+    from samat.launch import submit_grid
+    from tests.test_launch import make_grid, recording_console
+    from tests.test_launch_safety import fake_slurm
+
+    fake_slurm(slurm_bin, tmp_path)
+    grid = make_grid(tmp_path, seeds=1)
+    runs = Path(grid.output) / "runs"
+    old, fresh = runs / ".abc123def456.x1y2.tmp", runs / ".abc123def456.z3w4.tmp"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("half")
+    past = time.time() - 3600
+    os.utime(old, (past, past))
+    assert submit_grid(grid, executor="slurm", console=recording_console()) == 0
+    assert not old.exists() and fresh.exists()  # a prepare in progress keeps its own
+
+
+def test_an_infrastructure_failure_is_retried_a_bounded_number_of_times(tmp_path: Path) -> None:
+    from samat.launch.submit import select_runs
+    from samat.store import MAX_INFRA_FAILURES, RunDir
+    from tests.test_launch import fake_runs, make_grid
+
+    run = fake_runs(tmp_path, 1)[0]
+    (spec,) = expand(make_grid(tmp_path, seeds=1))
+    kinds = []
+    for _ in range(MAX_INFRA_FAILURES):
+        kinds.append(select_runs([spec])[spec.run_id].kind)
+        run.mark_failed("node lost", deterministic=False)
+    assert kinds == ["train"] * MAX_INFRA_FAILURES
+    assert select_runs([spec])[spec.run_id].kind == "failed"
+    assert select_runs([spec], retry_failed=True)[spec.run_id].kind == "train"
+    assert RunDir(run.path).state().extra["infra_failures"] == MAX_INFRA_FAILURES
+    run.mark_done()  # a success starts the count again
+    assert "infra_failures" not in RunDir(run.path).state().extra

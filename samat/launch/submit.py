@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import stat
 import sys
@@ -56,6 +57,8 @@ from samat.launch.status import follow, plural, result_line, say
 from samat.launch.task import PackedTask, RunTask
 from samat.store import (
     CONFIG,
+    INFRA_FAILURES,
+    MAX_INFRA_FAILURES,
     STATE,
     RunDir,
     RunReader,
@@ -320,7 +323,9 @@ def select_runs(
         ):
             actions[spec.run_id] = Action("unknown")
         elif force or not state.trained:
-            failed = state.state == "failed" and state.failure == "deterministic"
+            failed = state.state == "failed" and (
+                state.failure == "deterministic" or _infra_failures(state) >= MAX_INFRA_FAILURES
+            )
             skip = failed and not (force or retry_failed)
             actions[spec.run_id] = Action("failed") if skip else Action("train")
         else:
@@ -438,6 +443,8 @@ def prepare_runs(
     when its job id is recorded (record_submission; `_launch` writes it if sbatch fails)."""
     reader = RunReader()
     pending = {"state": "pending", "error": None, "failure": None}
+    if specs:
+        clean_temp_folders(specs[0].run_dir.parent)
     for spec in specs:
         if not actions[spec.run_id].runs:
             prepare(spec, sync=False, reader=reader)
@@ -449,6 +456,29 @@ def prepare_runs(
             prepare(spec, sync=False, reader=reader, new_state=not defer, **pending)
     if specs:
         sync_filesystem(specs[0].run_dir.parent)
+
+
+# a run's temp folder (store.prepare) older than this was left by a writer that died
+TEMP_FOLDER_AGE_S = 600
+
+
+def clean_temp_folders(runs: Path) -> int:
+    """Remove the `.<run id>.XXXX.tmp` folders that a killed `prepare` left in `runs/` (under
+    the output lock: no submit or eval is writing one; older than TEMP_FOLDER_AGE_S, so that a
+    `samat run CONFIG` preparing its run right now keeps its own). Returns how many."""
+    removed = 0
+    now = time.time()
+    with contextlib.suppress(OSError), os.scandir(runs) as entries:
+        for entry in list(entries):
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                if now - entry.stat(follow_symlinks=False).st_mtime > TEMP_FOLDER_AGE_S:
+                    shutil.rmtree(entry.path)
+                    removed += 1
+    return removed
 
 
 def _set_state(run: RunDir, **values: Any) -> None:
@@ -798,6 +828,11 @@ def _executor_line(asked: str, kind: str) -> str:
     return f"executor: {kind} ({why})"
 
 
+def _infra_failures(state: Any) -> int:
+    count = state.extra.get(INFRA_FAILURES)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
 def _count_line(actions: dict[str, Action]) -> str:
     """'3 runs to run (1 to train, 2 eval only), 2 skipped (1 done, 1 queued)'."""
     counts = {kind: sum(a.kind == kind for a in actions.values()) for kind in ACTIONS}
@@ -806,7 +841,10 @@ def _count_line(actions: dict[str, Action]) -> str:
     skipped = {kind: n for kind, n in counts.items() if n and kind not in ("train", "eval")}
     why = ", ".join(f"{n} {kind}" for kind, n in skipped.items())
     if counts["failed"]:
-        why += " by a deterministic cause: --retry-failed runs them again"
+        why += (
+            f" by a deterministic cause or {MAX_INFRA_FAILURES} infrastructure failures in a row: "
+            "--retry-failed runs them again"
+        )
     line = f"{plural(to_run, 'run')} to run{split}, {sum(skipped.values())} skipped"
     return line + (f" ({why})" if why else "")
 
@@ -817,7 +855,8 @@ def check_layout(output: Path) -> None:
     if not runs.is_dir():
         return
     with os.scandir(runs) as entries:
-        first = next((e for e in entries if e.is_dir()), None)
+        # a run directory, not a hidden temp folder a killed prepare left
+        first = next((e for e in entries if e.is_dir() and not e.name.startswith(".")), None)
     if first is not None and (Path(first.path) / CONFIG).is_file():
         RunDir(Path(first.path)).training_config()
 
