@@ -866,3 +866,24 @@ def test_an_infrastructure_failure_is_retried_a_bounded_number_of_times(tmp_path
     assert RunDir(run.path).state().extra["infra_failures"] == MAX_INFRA_FAILURES
     run.mark_done()  # a success starts the count again
     assert "infra_failures" not in RunDir(run.path).state().extra
+
+
+def test_eval_of_one_run_takes_its_output_directorys_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import samat.launch.submit as submit_module
+    from samat.launch.submit import evaluate_runs
+    from tests.test_launch import fake_runs, recording_console
+
+    runs = fake_runs(tmp_path, 1)
+    taken: list[Path] = []
+    real = submit_module.output_lock
+
+    def recording_lock(output, **kwargs):
+        taken.append(Path(output))
+        return real(output, **kwargs)
+
+    monkeypatch.setattr(submit_module, "output_lock", recording_lock)
+    for target in (runs[0].path, tmp_path / "out"):
+        evaluate_runs(target, [], n_examples=None, executor="local", console=recording_console())
+    assert taken == [tmp_path / "out", tmp_path / "out"]

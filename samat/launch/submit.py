@@ -746,8 +746,11 @@ def evaluate_runs(
         dirs = [RunDir(spec.run_dir) for spec in specs if spec.run_dir.is_dir()]
     else:
         grid = GridConfig(name="eval")
-        output = target
         dirs = find_runs(target)
+        # one run (OUT/runs/<id>) is locked as its output directory is: the same lock covers
+        # the same runs whichever way `samat eval` is pointed at them
+        single = (target / CONFIG).is_file() and target.parent.name == "runs"
+        output = target.parent.parent if single else target
     if not dirs:
         raise ConfigError(f"{target}: no run directories; submit the grid first")
     kind = resolve_executor(executor)
