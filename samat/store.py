@@ -61,6 +61,8 @@ RESULT_KEYS = ("run_id", "natural", "robust", "average_robust")
 # state.json's count of a run's infrastructure failures since it last succeeded; a submit
 # retries such a run until the count reaches MAX_INFRA_FAILURES, then only with --retry-failed
 INFRA_FAILURES = "infra_failures"
+# state.json's, each checkpoint's and each evaluation record's token of the training they belong to
+LINEAGE = "lineage"
 MAX_INFRA_FAILURES = 3
 # Prefix of the folders that `--force` moves a run's previous training into.
 REPLACED = "replaced-"
@@ -359,9 +361,13 @@ class RunDir:
         return result
 
     def is_complete(self) -> bool:
-        """Trained, and result.json answers the current evaluation request."""
+        """Trained, and result.json answers the current evaluation request with the current
+        weights (a result of an earlier training, left by an interrupted --force, does not)."""
         result = self.result()
-        return result is not None and result.get("request") == self.request_key()
+        if result is None or result.get("request") != self.request_key():
+            return False
+        lineage = self.lineage()
+        return lineage is None or result.get(LINEAGE) == lineage
 
     def metrics(self) -> list[dict[str, Any]]:
         try:
@@ -393,9 +399,33 @@ class RunDir:
     def eval_dir(self) -> Path:
         return self.path / EVALS
 
-    def eval_record(self, key: str) -> dict[str, Any] | None:
+    # -- lineage: which training the weights (and so the records) come from -------------------
+
+    def lineage(self) -> str | None:
+        """The token of the training that made the run's weights: drawn when the run trains
+        from scratch, kept by every resume, stamped into each checkpoint and evaluation record.
+        None for a run of an earlier release, whose records are all its own."""
+        value = self.state().extra.get(LINEAGE)
+        return value if isinstance(value, str) else None
+
+    def start_lineage(self, token: str | None = None) -> str:
+        """A new training from scratch (or, with token, the one a checkpoint names)."""
+        token = token or os.urandom(8).hex()
+        state = self.state()
+        state.extra[LINEAGE] = token
+        self._write(state)
+        return token
+
+    def eval_record(self, key: str, lineage: Any = ...) -> dict[str, Any] | None:
+        """The stored record of `key`, if it measured the current weights: a record of another
+        training (left by an interrupted `--force`, or copied) counts as missing."""
         record = read_json(self.eval_dir() / f"{key}.json")
-        return record if isinstance(record, dict) and "accuracy" in record else None
+        if not isinstance(record, dict) or "accuracy" not in record:
+            return None
+        current = self.lineage() if lineage is ... else lineage
+        if current is not None and record.get(LINEAGE) != current:
+            return None
+        return record
 
     def eval_records(self) -> list[dict[str, Any]]:
         """Every finished evaluation record, oldest first."""
@@ -409,14 +439,24 @@ class RunDir:
         return sorted(records, key=lambda r: r.get("finished", 0))
 
     def write_eval_record(self, record: dict[str, Any]) -> None:
+        lineage = self.lineage()
+        if lineage is not None:
+            record = {**record, LINEAGE: lineage}
         write_json(self.eval_dir() / f"{record['key']}.json", record)
         (self.eval_dir() / f"{record['key']}.partial.json").unlink(missing_ok=True)
 
     def eval_progress(self, key: str) -> dict[str, Any]:
+        """The stored batches of an unfinished evaluation, if of the current weights."""
         partial = read_json(self.eval_dir() / f"{key}.partial.json")
-        return partial if isinstance(partial, dict) else {}
+        if not isinstance(partial, dict):
+            return {}
+        lineage = self.lineage()
+        return partial if lineage is None or partial.get(LINEAGE) == lineage else {}
 
     def save_eval_progress(self, key: str, progress: dict[str, Any]) -> None:
+        lineage = self.lineage()
+        if lineage is not None:
+            progress = {**progress, LINEAGE: lineage}
         write_json(self.eval_dir() / f"{key}.partial.json", progress)
 
     # -- housekeeping -------------------------------------------------------------------------
@@ -663,8 +703,10 @@ def record_keys(config: RunConfig) -> dict[str, str]:
 
 
 def missing_records(run: RunDir, config: RunConfig) -> list[str]:
-    """Labels of the requested evaluations without a stored record."""
-    return [label for label, key in record_keys(config).items() if run.eval_record(key) is None]
+    """Labels of the requested evaluations without a stored record of the current weights."""
+    lineage = run.lineage()
+    keys = record_keys(config)
+    return [label for label, key in keys.items() if run.eval_record(key, lineage) is None]
 
 
 def training_yaml(config: RunConfig) -> str:

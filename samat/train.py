@@ -225,6 +225,7 @@ def _resume(
     path = run.file(CHECKPOINT)
     if not path.exists():
         run.truncate_metrics(0)
+        run.start_lineage()  # a new training: records of any earlier one are not its own
         return Position()
     tensors, meta = read_checkpoint(path)
     if meta.get("run_id") != run_id(config):
@@ -232,6 +233,8 @@ def _resume(
             f"checkpoint {path} belongs to another config (run {meta.get('run_id')}); "
             "delete it or use a fresh output directory"
         )
+    if isinstance(meta.get("lineage"), str) and meta["lineage"] != run.lineage():
+        run.start_lineage(meta["lineage"])  # the checkpoint says which training it continues
     restore_checkpoint(tensors, meta, model, optimizer)
     _restore_method(method, tensors)
     position = Position(
@@ -266,6 +269,7 @@ def _save(
             "epoch": position.epoch,
             "step": position.step,
             "run_id": run_id(config),
+            "lineage": run.lineage(),
             "samat": __version__,
             "totals": position.totals,
             "partial": position.partial,
@@ -618,7 +622,13 @@ def _validate(
         write_checkpoint(
             run.file(CHECKPOINT_BEST),
             tensors,
-            {"epoch": epoch, "score": score, "run_id": run_id(config), "samat": __version__},
+            {
+                "epoch": epoch,
+                "score": score,
+                "run_id": run_id(config),
+                "lineage": run.lineage(),
+                "samat": __version__,
+            },
         )
     return out
 
@@ -634,6 +644,11 @@ def _select_checkpoint(run: RunDir, config: RunConfig, model: torch.nn.Module) -
                 "and keep 'best' when the run trains"
             )
         tensors, meta = read_checkpoint(path)
+        if meta.get("run_id") != run_id(config):
+            raise ConfigError(
+                f"{path} belongs to another run ({meta.get('run_id')}); delete it, then "
+                "`samat submit --force` trains this run again to choose its own best weights"
+            )
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         log.info("evaluating the validation-best weights of epoch %d", meta["epoch"])
     return chosen
@@ -673,6 +688,7 @@ def _result(
         "versions": {**versions(), "torch_build": torch.__version__},
         "records": {label: r["key"] for label, r in records.items()},
         "request": run.request_key(),
+        "lineage": run.lineage(),
     }
     write_json(run.file(RESULT), result)
     log.info(

@@ -887,3 +887,63 @@ def test_eval_of_one_run_takes_its_output_directorys_lock(
     for target in (runs[0].path, tmp_path / "out"):
         evaluate_runs(target, [], n_examples=None, executor="local", console=recording_console())
     assert taken == [tmp_path / "out", tmp_path / "out"]
+
+
+# -- records tied to the weights they measured (item 8) -------------------------------------------
+
+
+def test_records_of_an_earlier_training_are_not_mixed_with_new_weights(tmp_path: Path) -> None:
+    """An interrupted --force: the checkpoint moved aside, the old records and result left. The
+    new training draws a new lineage; the old records count as missing and are measured anew."""
+    from samat.store import CHECKPOINT, RunDir
+    from samat.train import execute
+    from tests.test_train import make_run
+
+    run = make_run(tmp_path, train={"epochs": 1})
+    first = execute(run.path)
+    old_lineage = RunDir(run.path).lineage()
+    assert old_lineage and first["lineage"] == old_lineage
+    records = {p.name: json.loads(p.read_text()) for p in run.eval_dir().glob("*.json")}
+    assert records and all(r["lineage"] == old_lineage for r in records.values())
+    # the kill came after the checkpoint was moved aside, before evals/ and result.json
+    run.file(CHECKPOINT).unlink()
+    from tests.conftest import set_state
+
+    set_state(run, trained=False, state="pending")
+    second = execute(run.path)
+    new_lineage = RunDir(run.path).lineage()
+    assert new_lineage != old_lineage and second["lineage"] == new_lineage
+    again = {p.name: json.loads(p.read_text()) for p in run.eval_dir().glob("*.json")}
+    assert again.keys() == records.keys()
+    for name, record in again.items():
+        # measured anew on the new weights, not kept from the earlier training
+        assert record["lineage"] == new_lineage and record != records[name], name
+
+
+def test_a_stale_record_counts_as_missing(tmp_path: Path) -> None:
+    from samat.store import missing_records
+    from tests.conftest import finish
+    from tests.test_launch import fake_runs
+
+    run = fake_runs(tmp_path, 1)[0]
+    finish(run)  # records of a run of an earlier release: no lineage anywhere, all its own
+    assert missing_records(run, run.config()) == [] and run.is_complete()
+    run.start_lineage("newtraining")
+    assert len(missing_records(run, run.config())) == 3 and not run.is_complete()
+
+
+def test_a_checkpoint_best_copied_from_another_run_is_refused(tmp_path: Path) -> None:
+    from samat.store import CHECKPOINT_BEST, read_checkpoint, write_checkpoint
+    from samat.train import execute
+    from tests.test_train import make_run
+
+    validated = {"validation": {"size": 64}, "keep": "best", "epochs": 1}
+    donor = make_run(tmp_path / "a", train=validated, seed=1)
+    execute(donor.path)
+    target = make_run(tmp_path / "b", train=validated, seed=2)
+    execute(target.path)
+    tensors, meta = read_checkpoint(donor.file(CHECKPOINT_BEST))
+    write_checkpoint(target.file(CHECKPOINT_BEST), tensors, meta)
+    target.file("result.json").unlink()
+    with pytest.raises(ConfigError, match=f"belongs to another run \\({donor.run_id}\\)"):
+        execute(target.path)
