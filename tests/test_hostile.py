@@ -947,3 +947,42 @@ def test_a_checkpoint_best_copied_from_another_run_is_refused(tmp_path: Path) ->
     target.file("result.json").unlink()
     with pytest.raises(ConfigError, match=f"belongs to another run \\({donor.run_id}\\)"):
         execute(target.path)
+
+
+def test_a_lock_held_too_long_is_one_line_naming_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samat.launch.lock import output_lock
+
+    output = tmp_path / "out"
+    child = f"""
+import os, sys, time
+from samat.launch.lock import output_lock
+with output_lock({str(output)!r}, purpose="submit"):
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", child],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("SAMAT_LOCK_WAIT_S", "0.5")
+        with pytest.raises(ConfigError) as caught, output_lock(output, purpose="eval"):
+            pass
+        assert str(caught.value).startswith(f"{output} is locked by samat submit, pid {holder.pid}")
+        assert str(caught.value).endswith(
+            "for more than 0.5 s; wait for it to finish, then try again"
+        )
+        monkeypatch.setenv("SAMAT_LOCK_WAIT_S", "soon")
+        with pytest.raises(ConfigError, match="SAMAT_LOCK_WAIT_S='soon' is not a number"):
+            with output_lock(output, purpose="eval"):
+                pass
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

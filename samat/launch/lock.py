@@ -67,13 +67,17 @@ def output_lock(
     *,
     purpose: str,
     say: Callable[[str], None] | None = None,
-    timeout_s: float | None = None,
+    timeout_s: float | None = ...,  # type: ignore[assignment]
 ) -> Iterator[Path]:
     """Hold `<output>/.samat.lock` (creating the output directory) for the block.
 
     When another process holds it, `say` gets one line naming the holder, then this waits (Ctrl-C
-    stops the waiting); with timeout_s, a ConfigError once that has passed.
+    stops the waiting), by default up to WAIT_S (a holder that hangs gives one line naming it,
+    not an endless wait; SAMAT_LOCK_WAIT_S sets it); then, or after timeout_s, a ConfigError.
+    timeout_s None waits for ever.
     """
+    if timeout_s is ...:
+        timeout_s = _default_wait()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(output)
@@ -155,6 +159,20 @@ def _try_lock(fd: int) -> bool:
             ) from None
         raise
     return True
+
+
+# how long a submit, eval or cancel waits for another's lock before it gives up in one line
+WAIT_S = 3600.0
+
+
+def _default_wait() -> float:
+    value = os.environ.get("SAMAT_LOCK_WAIT_S", "")
+    try:
+        return float(value) if value else WAIT_S
+    except ValueError:
+        raise ConfigError(
+            f"SAMAT_LOCK_WAIT_S={value!r} is not a number of seconds; unset it or fix it"
+        ) from None
 
 
 def _busy(output: Path, timeout_s: float | None) -> str:
