@@ -980,9 +980,9 @@ with output_lock({str(output)!r}, purpose="submit"):
             "for more than 0.5 s; wait for it to finish, then try again"
         )
         monkeypatch.setenv("SAMAT_LOCK_WAIT_S", "soon")
-        with pytest.raises(ConfigError, match="SAMAT_LOCK_WAIT_S='soon' is not a number"):
-            with output_lock(output, purpose="eval"):
-                pass
+        wrong = pytest.raises(ConfigError, match="SAMAT_LOCK_WAIT_S='soon' is not a number")
+        with wrong, output_lock(output, purpose="eval"):
+            pass
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
