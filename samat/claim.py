@@ -32,10 +32,16 @@ class RunClaimed(ConfigError):
     """The run is being trained or evaluated by another live process: not started twice."""
 
 
-def _open(path: Path) -> int:
-    # writable by the group: a teammate's task must be able to take a shared run's claim; the
-    # file only names the holder. Never through a link (a link is replaced).
-    return open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o666)
+def _open(path: Path) -> tuple[int, bool]:
+    """The claim file's descriptor, and whether the holder's name can be written into it.
+    Writable by the group (a teammate's task must be able to take a shared run's claim; the
+    file only names the holder); never through a link (a link is replaced). A claim file this
+    user may not write (made by another account, a container's user) still takes the flock,
+    which needs no write access."""
+    try:
+        return open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)), False
 
 
 def _try_lock(fd: int, path: Path) -> bool:
@@ -75,7 +81,7 @@ def claim(run_dir: Path, job_id: str | None = None) -> Iterator[None]:
     """Hold the run's claim for the block; RunClaimed (one line, naming the holder) when a live
     process holds it."""
     path = Path(run_dir) / CLAIM_FILE
-    fd = _open(path)
+    fd, writable = _open(path)
     try:
         if not _try_lock(fd, path):
             raise RunClaimed(
@@ -88,8 +94,9 @@ def claim(run_dir: Path, job_id: str | None = None) -> Iterator[None]:
             "job_id": job_id,
             "since": time.time(),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder_info).encode() + b"\n", 0)
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder_info).encode() + b"\n", 0)
         yield
     finally:
         os.close(fd)  # closing releases the flock

@@ -986,3 +986,24 @@ with output_lock({str(output)!r}, purpose="submit"):
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+
+
+def test_a_claim_file_this_user_may_not_write_still_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's user (Apptainer runs as another account) made .claim: the flock needs no
+    write access, so the claim still holds; only the holder's name is not written."""
+    from samat import claim
+
+    (tmp_path / claim.CLAIM_FILE).write_text('{"pid": 1, "host": "elsewhere"}')
+    real_open = os.open
+
+    def open_(path, flags, mode=0o777, **kwargs):
+        if str(path).endswith(claim.CLAIM_FILE) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    with claim.claim(tmp_path):
+        assert claim.holder(tmp_path) == "pid 1 on elsewhere"  # held, under the old name
+    assert claim.holder(tmp_path) is None
