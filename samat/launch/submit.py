@@ -311,10 +311,6 @@ def select_runs(
         job = (jobs or {}).get(str(state.job_id))
         if job is not None and job.active:
             actions[spec.run_id] = Action("running" if job.state == "RUNNING" else "queued")
-        elif claim.holder(run.path) is not None:
-            # a live process trains or evaluates it (a local task a killed submit left behind,
-            # a `samat run` in a terminal): not started twice
-            actions[spec.run_id] = Action("running")
         elif (
             jobs is None
             and not ignore_scheduler
@@ -322,6 +318,10 @@ def select_runs(
             and state.state in ("pending", "running")
         ):
             actions[spec.run_id] = Action("unknown")
+        elif claim.holder(run.path) is not None:
+            # a live process trains or evaluates it (a local task a killed submit left behind,
+            # a `samat run` in a terminal): not started twice
+            actions[spec.run_id] = Action("running")
         elif force or not state.trained:
             failed = state.state == "failed" and (
                 state.failure == "deterministic" or _infra_failures(state) >= MAX_INFRA_FAILURES
