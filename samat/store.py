@@ -225,6 +225,12 @@ class RunState:
         return getattr(self, key)
 
 
+def infra_failures(state: RunState) -> int:
+    """The run's infrastructure failures in a row (state.json's INFRA_FAILURES; 0 if damaged)."""
+    count = state.extra.get(INFRA_FAILURES)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
 def _is(*types: type) -> Any:
     return lambda v: isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
 
@@ -340,8 +346,7 @@ class RunDir:
     def mark_failed(self, error: str, *, deterministic: bool) -> RunState:
         state = self.state()
         if not deterministic:  # counted: a resubmit retries it a bounded number of times
-            count = state.extra.get(INFRA_FAILURES)
-            state.extra[INFRA_FAILURES] = (count if isinstance(count, int) else 0) + 1
+            state.extra[INFRA_FAILURES] = infra_failures(state) + 1
         state.state, state.error = "failed", error
         state.failure = "deterministic" if deterministic else "infra"
         return self._write(state)

@@ -57,7 +57,6 @@ from samat.launch.status import follow, plural, result_line, say
 from samat.launch.task import PackedTask, RunTask
 from samat.store import (
     CONFIG,
-    INFRA_FAILURES,
     MAX_INFRA_FAILURES,
     STATE,
     RunDir,
@@ -65,6 +64,7 @@ from samat.store import (
     canonical_key,
     change_states,
     find_runs,
+    infra_failures,
     missing_records,
     prepare,
     sync_filesystem,
@@ -324,7 +324,7 @@ def select_runs(
             actions[spec.run_id] = Action("running")
         elif force or not state.trained:
             failed = state.state == "failed" and (
-                state.failure == "deterministic" or _infra_failures(state) >= MAX_INFRA_FAILURES
+                state.failure == "deterministic" or infra_failures(state) >= MAX_INFRA_FAILURES
             )
             skip = failed and not (force or retry_failed)
             actions[spec.run_id] = Action("failed") if skip else Action("train")
@@ -829,11 +829,6 @@ def _executor_line(asked: str, kind: str) -> str:
         else "no sbatch on PATH: runs go here, one per CPU core (or GPU) at a time"
     )
     return f"executor: {kind} ({why})"
-
-
-def _infra_failures(state: Any) -> int:
-    count = state.extra.get(INFRA_FAILURES)
-    return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
 
 def _count_line(actions: dict[str, Action]) -> str:
