@@ -1007,3 +1007,13 @@ def test_a_claim_file_this_user_may_not_write_still_claims(
     with claim.claim(tmp_path):
         assert claim.holder(tmp_path) == "pid 1 on elsewhere"  # held, under the old name
     assert claim.holder(tmp_path) is None
+
+
+def test_accounting_is_asked_about_every_users_jobs(slurm_bin) -> None:
+    """A teammate's ended job is in accounting only for `sacct --allusers` (as SLURM answers a
+    non-root user), and the controller has forgotten it."""
+    from samat.launch import scheduler
+
+    slurm_bin("squeue", 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
+    slurm_bin("sacct", 'case "$*" in *--allusers*) echo "77_0|COMPLETED|00:05:00" ;; esac')
+    assert scheduler.job_states(["77_0"]) == {"77_0": scheduler.JobInfo("COMPLETED", "00:05:00")}
