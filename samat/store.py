@@ -21,9 +21,11 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -826,25 +828,49 @@ def _is_temp(name: str) -> bool:
 
 def find_runs(root: Path) -> list[RunDir]:
     """Run directories under an output directory (or a single run directory itself): the
-    folders of `runs/` (or of root) that hold a config.yaml, by name."""
+    folders of `runs/` (or of root) that hold a config.yaml, by name.
+
+    A symbolic link in `runs/` is not a run: samat never makes one, and following a link that a
+    teammate put in a shared output would read, train and write where they chose. It is skipped
+    with a warning, as is a run whose config.yaml is a link.
+    """
     root = Path(root)
     if (root / CONFIG).is_file():
         return [RunDir(root)]
     base = root / "runs" if (root / "runs").is_dir() else root
-    # what Path.glob("*/config.yaml") finds (folders, or links to one, with the file), but
-    # for a new run being made whole (`.<run id>.XXXXXXXX.tmp`, see _create_run_dir)
+    # the folders with a config.yaml, but for a new run being made whole
+    # (`.<run id>.XXXXXXXX.tmp`, see _create_run_dir)
     names = []
     try:
         with os.scandir(base) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
-                    if not _is_temp(entry.name) and entry.is_dir():
+                    if _is_temp(entry.name):
+                        continue
+                    if entry.is_symlink():
+                        _skip_link(base / entry.name)
+                    elif entry.is_dir(follow_symlinks=False):
                         names.append(entry.name)
     except OSError:
         return []
-    prefix = str(base)
-    found = [name for name in names if os.path.exists(os.path.join(prefix, name, CONFIG))]
-    return [RunDir(base / name) for name in sorted(found)]
+    found = []
+    for name in sorted(names):
+        config = base / name / CONFIG
+        with contextlib.suppress(OSError):
+            mode = config.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                _skip_link(config)
+            elif stat.S_ISREG(mode):
+                found.append(RunDir(base / name))
+    return found
+
+
+def _skip_link(path: Path) -> None:
+    logging.getLogger("samat").warning(
+        "%s is a symbolic link, which samat never makes: skipped (replace it by the run's "
+        "folder to use it)",
+        path,
+    )
 
 
 def write_checkpoint(

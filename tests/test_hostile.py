@@ -775,6 +775,69 @@ def test_samat_eval_leaves_a_run_that_another_process_holds(tmp_path: Path) -> N
     assert "extra" in json.dumps(runs[1].eval_request().model_dump(mode="json"))
 
 
+def test_kill_9_of_a_local_submit_stops_its_runs_with_their_progress_stored(
+    tmp_path: Path,
+) -> None:
+    """submitit's local controllers outlive the submit that started them: without a watch, a
+    killed `samat submit` left its runs training, unreported, holding their claims. Now each
+    run stops at a step boundary (checkpoint written, claim released) and the next submit
+    resumes it."""
+    from samat import claim
+    from samat.launch.submit import select_runs
+    from tests.test_launch import make_grid
+
+    grid = make_grid(tmp_path, seeds=1)
+    grid.base["train"]["epochs"] = 500  # far longer than the test: only a stop ends it
+    (spec,) = expand(grid)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid.model_dump(mode="json", exclude_unset=True)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "samat", "submit", str(grid_file), "--executor", "local"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run_dir = Path(spec.run_dir)
+    try:
+        deadline = time.monotonic() + 300
+        # wait for the first epoch's checkpoint: the run is training in its own process
+        while not (run_dir / "checkpoint.safetensors").exists():
+            assert submit.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        who = claim.holder(run_dir)
+        assert who is not None and not who.startswith(f"pid {submit.pid} ")
+        holder_pid = int(who.split()[1])
+    finally:
+        submit.kill()
+        submit.wait()
+    deadline = time.monotonic() + 300
+    while claim.holder(run_dir) is not None:
+        assert time.monotonic() < deadline, "the run went on training after its submit died"
+        time.sleep(0.05)
+    while _alive(holder_pid):  # the run's process ends too, not only its claim
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (
+        "the samat submit that started this run is gone: stopping it"
+        in (run_dir / "log").read_text()
+    )
+    assert json.loads((run_dir / "state.json").read_text())["trained"] is False
+    assert select_runs([spec])[spec.run_id].kind == "train"  # the next submit resumes it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (not yet reaped by the controller, itself orphaned) no longer runs
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_sigterm_stops_an_in_process_task_with_its_progress_stored(tmp_path: Path) -> None:
     """Preemption without a container: SIGTERM is handled like the time-limit signal (stop at a
     step boundary, checkpoint), then its own handler runs (submitit's, here a recorder)."""

@@ -54,7 +54,7 @@ from samat.grid import RunSpec, expand, preflight
 from samat.launch import container, scheduler
 from samat.launch.lock import output_lock
 from samat.launch.status import follow, plural, result_line, say
-from samat.launch.task import PackedTask, RunTask
+from samat.launch.task import PackedTask, RunTask, hold_session
 from samat.store import (
     CONFIG,
     MAX_INFRA_FAILURES,
@@ -948,7 +948,7 @@ def _refusal(
 def _run_local(
     grid: GridConfig, specs: list[RunSpec], tasks: list[RunTask], output: Path, console: Console
 ) -> int:
-    private_submitit_folder(output)
+    private = private_submitit_folder(output)
     executor = LocalExecutor(
         folder=submitit_folder(output), max_num_timeout=grid.slurm.max_num_timeout
     )
@@ -963,24 +963,26 @@ def _run_local(
     pending = list(zip(specs, tasks, strict=True))
     running: list[tuple[RunSpec, Any]] = []
     failed = finished = 0
-    try:
-        while pending or running:
-            while pending and len(running) < parallel:
-                spec, task = pending.pop(0)
-                job = executor.submit(task)
-                make_private([job])
-                running.append((spec, job))
-            time.sleep(0.5)
-            for spec, job in [entry for entry in running if entry[1].done()]:
-                running.remove((spec, job))
-                finished += 1
-                run = RunDir(spec.run_dir)
-                failed += not run.is_complete()
-                say(console, f"[{finished}/{len(specs)}] {result_line(run, spec.label)}")
-    except KeyboardInterrupt:
-        for _, job in running:
-            job.cancel()
-        raise
+    # the runs stop, progress stored, if this process dies: submitit's controllers outlive it
+    with hold_session(private):
+        try:
+            while pending or running:
+                while pending and len(running) < parallel:
+                    spec, task = pending.pop(0)
+                    job = executor.submit(task)
+                    make_private([job])
+                    running.append((spec, job))
+                time.sleep(0.5)
+                for spec, job in [entry for entry in running if entry[1].done()]:
+                    running.remove((spec, job))
+                    finished += 1
+                    run = RunDir(spec.run_dir)
+                    failed += not run.is_complete()
+                    say(console, f"[{finished}/{len(specs)}] {result_line(run, spec.label)}")
+        except KeyboardInterrupt:
+            for _, job in running:
+                job.cancel()
+            raise
     say(console, f"{len(specs) - failed} of {plural(len(specs), 'run')} done; results in {output}")
     return 1 if failed else 0
 

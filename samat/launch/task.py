@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,10 @@ STOP_TIMEOUT_S = 30
 # How long a signalled container client may take to exit when the task ends (Ctrl-C) before it
 # is killed.
 CHILD_EXIT_S = 5
+# Local runs: the file a `samat submit` holds an flock on while its runs go on (see
+# watch_session), and how often a run looks.
+SESSION_ENV = "SAMAT_LOCAL_SESSION"
+SESSION_POLL_S = 1.0
 
 
 def time_limit_signal() -> int:
@@ -84,9 +89,10 @@ class RunTask(Checkpointable):
         if self.requeued:
             run.mark_requeued()
             self.requeued = False
-        if self.container is None:
-            return self._run_here()
-        return self._run_container(run, self.container)
+        with watch_session(os.environ.get(SESSION_ENV)):
+            if self.container is None:
+                return self._run_here()
+            return self._run_container(run, self.container)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Resubmit this task; it resumes from checkpoint.safetensors, not from a pickled model."""
@@ -130,6 +136,82 @@ class RunTask(Checkpointable):
 
     def __repr__(self) -> str:
         return f"RunTask({str(self.run_dir)!r})"
+
+
+@contextlib.contextmanager
+def watch_session(session: str | None) -> Any:
+    """A local run stops as on SIGTERM (progress stored at the next step boundary, claim
+    released) once the `samat submit` that started it is gone, however it went (kill -9
+    included): submitit's local controller outlives its submitter, and a run left training
+    would hold its claim, with nobody to report it, until it ended.
+
+    The submit holds an flock on `session` while it lives; the kernel drops it with the
+    process. A thread here looks every SESSION_POLL_S: a lock it can take means nobody holds
+    it any more. Outside a local submit (SLURM, `samat run`) there is no session to watch.
+    """
+    if not session:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(SESSION_POLL_S):
+            if not _held(session):
+                log.warning("the samat submit that started this run is gone: stopping it")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    watcher = threading.Thread(target=watch, name="samat-session", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+def _held(session: str) -> bool:
+    """Whether a live process holds the flock on the session file (a missing file: nobody)."""
+    import fcntl
+
+    try:
+        fd = os.open(session, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True  # no locks on this file system: nothing to learn, keep running
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def hold_session(folder: Path) -> Any:
+    """The submit's side of watch_session: an flock held for the block, its path in the
+    environment the local runs inherit."""
+    import fcntl
+
+    from samat.files import open_no_follow
+
+    path = Path(folder) / f"session-{os.getpid()}.lock"
+    fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o600)
+    previous = os.environ.get(SESSION_ENV)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.environ[SESSION_ENV] = str(path)
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SESSION_ENV, None)
+        else:
+            os.environ[SESSION_ENV] = previous
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
 
 
 class PackedTask(Checkpointable):
