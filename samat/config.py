@@ -172,6 +172,9 @@ class DataConfig(Strict):
     # None = the data set's usual augmentation: crop padding 4 + flip on natural images,
     # none on digits (digits are not flip-invariant).
     crop_padding: int | None = Field(default=None, ge=0)
+    # What fills the crop's padding: zeros (samat's first loaders) or the image mirrored at its
+    # border, torchvision's padding_mode='reflect' (the authors' loaders, SAM_AT utils.py:28).
+    crop_padding_mode: Literal["zeros", "reflect"] = "zeros"
     flip: bool | None = None
     # Subsets keep the first n examples of a fixed permutation, for quick runs.
     train_size: int | None = Field(default=None, gt=0)
@@ -258,14 +261,58 @@ class StandardMethod(Strict):
         return 0
 
 
+# ASAM's named variants, method.variant in a config (it sets eta and scaled, which are stored).
+ASAM_VARIANTS: dict[str, dict[str, Any]] = {
+    # SAM_AT's sam.py:24,53 (davda54/sam, adaptive=True): T_w = |w| on every parameter
+    "authors": {"eta": 0.0, "scaled": "all"},
+    # SamsungLabs/ASAM asam.py:22-25: T_w = |w| + 0.01 on parameters named '*weight*'
+    "kwon": {"eta": 0.01, "scaled": "weights"},
+}
+
+
 class SAMMethod(Strict):
     name: Literal["sam", "asam"]
     rho: PositiveBudget = 0.05
-    # ASAM's small constant keeping |w| scaling away from zero (Kwon et al. 2021).
+    # ASAM's small constant keeping |w| scaling away from zero (Kwon et al. 2021). The default
+    # (0.01 on every parameter) is samat's first ASAM and matches no reference: the paper grids
+    # name a variant.
     eta: float = Field(default=0.01, ge=0)
+    # Which parameters ASAM's T_w = |w| + eta scales: all, or only those whose name holds
+    # 'weight' (biases unscaled, T = 1), as Kwon et al.'s released asam.py does.
+    scaled: Literal["all", "weights"] = "all"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_variant(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "variant" not in data:
+            return data
+        data = dict(data)
+        variant = data.pop("variant")
+        if data.get("name") != "asam":
+            raise ValueError("method.variant names an ASAM variant; remove it or use name asam")
+        if variant not in ASAM_VARIANTS:
+            raise ValueError(
+                f"method.variant {variant!r} is unknown; choose one of {', '.join(ASAM_VARIANTS)}"
+            )
+        for key, value in ASAM_VARIANTS[variant].items():
+            if key in data and data[key] != value:
+                raise ValueError(
+                    f"method.variant {variant!r} sets {key} to {value!r}; remove method.{key}"
+                )
+            data[key] = value
+        return data
+
+    def variant(self) -> str | None:
+        """The ASAM variant these settings are ('authors', 'kwon'), or None."""
+        own = {"eta": self.eta, "scaled": self.scaled}
+        return next((name for name, values in ASAM_VARIANTS.items() if values == own), None)
 
     def label(self) -> str:
-        return f"{self.name.upper()} rho={self.rho:g}"
+        head = f"{self.name.upper()} rho={self.rho:g}"
+        if self.name == "sam" or (self.eta, self.scaled) == (0.01, "all"):
+            return head  # samat's first ASAM keeps its label
+        variant = self.variant()
+        return f"{head} ({variant})" if variant else f"{head} eta={self.eta:g} {self.scaled}"
 
     def rank(self) -> int:
         return 1 if self.name == "sam" else 3
@@ -281,9 +328,14 @@ class ESAMMethod(Strict):
     beta: float = Field(default=0.6, gt=0, le=1)
     # SDS: the second pass uses the fraction gamma of the batch whose loss rose the most.
     gamma: float = Field(default=0.5, gt=0, le=1)
+    # How many examples SDS keeps of a batch of B: 'ceil' = ceil(gamma B); 'official' = the
+    # authors' code (Efficient_SAM utils/Esam.py:94-104): int(gamma B) - 1 (those strictly above
+    # the int(gamma B)-th largest rise), the whole batch when gamma >= 0.99.
+    subset: Literal["ceil", "official"] = "ceil"
 
     def label(self) -> str:
-        return f"ESAM rho={self.rho:g}" + _non_default(self, "beta", "gamma")
+        official = " (official SDS)" if self.subset == "official" else ""
+        return f"ESAM rho={self.rho:g}" + _non_default(self, "beta", "gamma") + official
 
     def rank(self) -> int:
         return 2
@@ -316,10 +368,15 @@ class AdversarialMethod(Strict):
     alpha: Budget | None = None
     steps: int = Field(default=10, ge=1)
     random_start: bool = True
+    # The l_2 random start: 'ball' = uniform in the eps ball (radius eps U^(1/d)); 'radial' = a
+    # normalised Gaussian direction times eps U(0, 1), the authors' and robust_overfitting's
+    # (SAM_AT utils.py:77-81, train_cifar.py:80-83). l_inf draws uniformly in the cube either way.
+    l2_start: Literal["ball", "radial"] = "ball"
 
     def label(self) -> str:
         kind = "PGD-AT" if self.name == "pgd_at" else "FGSM-AT"
-        return f"{kind} {self.norm} eps={format_budget(self.eps)}"
+        start = " start=radial" if self.norm == "l2" and self.l2_start == "radial" else ""
+        return f"{kind} {self.norm} eps={format_budget(self.eps)}{start}"
 
     def rank(self) -> int:
         return 5 if self.name == "fgsm_at" else 6
@@ -440,6 +497,10 @@ class EvalConfig(Strict):
     n_examples: int = Field(default=1000, ge=1)
     subset_seed: int | None = None
     batch_size: int = Field(default=256, ge=1)
+    # Which mean / std classify the attacked images: the model's own ('data'), or CIFAR-10's
+    # ('cifar10'), as the authors' eval_cifar100.py does for CIFAR-100 (its PGD uses CIFAR-100's
+    # statistics, line 14-18, the final prediction CIFAR-10's, line 33): to measure the difference.
+    scoring_stats: Literal["data", "cifar10"] = "data"
     # Which checkpoint to attack; None = the one train.keep selects.
     checkpoint: Literal["last", "best"] | None = None
 
@@ -453,12 +514,23 @@ class RunConfig(Strict):
     method: MethodConfig = Field(default_factory=StandardMethod)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Trackers that mirror metrics.jsonl (docs/trackers.md); like eval, not part of the run id.
+    track: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     seed: int = 0
 
     @property
     def task(self) -> str:
         """'image', 'segmentation' or 'text', from the data set."""
         return self.data.task
+
+    @model_validator(mode="after")
+    def _scoring_stats_on_cifar100(self) -> RunConfig:
+        if self.eval.scoring_stats != "data" and self.data.name != "cifar100":
+            raise ValueError(
+                "eval.scoring_stats 'cifar10' reproduces the authors' CIFAR-100 evaluation; "
+                f"remove it for {self.data.name!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fits_task(self) -> RunConfig:

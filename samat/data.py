@@ -62,6 +62,8 @@ class Dataset:
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
+    # what fills the crop's padding: 'zeros' or 'reflect' (DataConfig.crop_padding_mode)
+    crop_padding_mode: str = "zeros"
     # held out of the training set for model selection (train.validation), when asked for
     validation: Split | None = None
 
@@ -92,6 +94,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         crop_padding=cfg.crop_padding if cfg.crop_padding is not None else (4 if natural else 0),
         # Digits are not flip-invariant (a mirrored 2 is no 2), nor is the synthetic data.
         flip=cfg.flip if cfg.flip is not None else natural,
+        crop_padding_mode=cfg.crop_padding_mode,
     )
 
 
@@ -304,12 +307,14 @@ class DeviceLoader:
         drop_last: bool = False,
         seed: int = 0,
         channels_last: bool = False,
+        padding_mode: str = "zeros",
     ) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.crop_padding = crop_padding
+        self.padding_mode = padding_mode
         self.flip = flip
         self.drop_last = drop_last
         self.seed = seed
@@ -352,17 +357,31 @@ class DeviceLoader:
         b, _, h, w = images.shape
         if "offsets" in draws:
             p = self.crop_padding
-            padded = F.pad(images, (p, p, p, p))
             dy, dx = draws["offsets"].to(images.device)
             rows = (dy + torch.arange(h, device=images.device))[:, :, None]
             cols = (dx + torch.arange(w, device=images.device))[:, None, :]
             batch = torch.arange(b, device=images.device)[:, None, None]
+            if self.padding_mode == "reflect":
+                # torchvision's padding_mode='reflect' (numpy's 'reflect', the edge not
+                # repeated), as indices into the unpadded image: any dtype, no padded copy
+                padded, rows, cols = images, _reflect(rows - p, h), _reflect(cols - p, w)
+            else:
+                padded = F.pad(images, (p, p, p, p))
             # Advanced indexing around the channel slice yields [B, H, W, C].
             images = padded[batch, :, rows, cols].permute(0, 3, 1, 2)
         if "flip" in draws:
             mask = draws["flip"].to(images.device)
             images = torch.where(mask[:, None, None, None], images.flip(3), images)
         return images
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions -p..size-1+p mirrored into 0..size-1 about the first and last pixel."""
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    folded = index.remainder(period)
+    return torch.where(folded < size, folded, period - folded)
 
 
 def split_validation(split: Split, size: int) -> tuple[Split, Split]:

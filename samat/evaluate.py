@@ -10,9 +10,10 @@ subset, so a table can put the subset's clean accuracy beside the robust columns
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +47,42 @@ class StopFlag:
     def check(self) -> None:
         if self.signum is not None:
             raise Interrupted(self.signum)
+
+
+# The authors' CIFAR-10 statistics (SAM_AT utils.py:6-7), with which their eval_cifar100.py:33
+# classifies CIFAR-100's attacked images (eval.scoring_stats: cifar10).
+AUTHORS_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+
+
+@contextlib.contextmanager
+def normalized_as(
+    model: nn.Module, mean: Sequence[float], std: Sequence[float]
+) -> Iterator[nn.Module]:
+    """The model with its Normalize layer's mean and std replaced while inside; restored after."""
+    from samat.models.normalize import Normalize
+
+    layers = [m for m in model.modules() if isinstance(m, Normalize)]
+    if len(layers) != 1:
+        raise ValueError(f"expected one Normalize layer in the model, found {len(layers)}")
+    (layer,) = layers
+    saved = layer.mean.clone(), layer.std.clone()
+    with torch.no_grad():
+        layer.mean.copy_(torch.tensor(mean).view_as(layer.mean))
+        layer.std.copy_(torch.tensor(std).view_as(layer.std))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            layer.mean.copy_(saved[0])
+            layer.std.copy_(saved[1])
+
+
+def scoring(model: nn.Module, config: RunConfig) -> contextlib.AbstractContextManager[Any]:
+    """How the attacked images are classified: with the model's own statistics, or (scoring_stats
+    cifar10) with the authors' CIFAR-10 mean and std, the attack itself unchanged."""
+    if config.eval.scoring_stats == "cifar10":
+        return normalized_as(model, *AUTHORS_CIFAR10_STATS)
+    return contextlib.nullcontext(model)
 
 
 def clean_accuracy(model: nn.Module, loader: DeviceLoader) -> tuple[int, int]:
@@ -108,7 +145,7 @@ def evaluate_run(
         key,
         "Natural (attacked images)",
         {"kind": "clean", **images},
-        lambda: clean_accuracy(model, loader(subset)),
+        lambda: _scored_clean(model, loader(subset), config),
     )
     for spec in attacks.resolve(request.attacks):
         key = keys[attacks.label(spec)]
@@ -121,6 +158,11 @@ def evaluate_run(
             )
         records[attacks.label(spec)] = {**record, "label": attacks.label(spec)}
     return records
+
+
+def _scored_clean(model: nn.Module, loader: DeviceLoader, config: RunConfig) -> tuple[int, int]:
+    with scoring(model, config):
+        return clean_accuracy(model, loader)
 
 
 def store_clean(
@@ -184,7 +226,8 @@ def _attack(
             began = time.perf_counter()
             x, y = runner.batch_on(model, images, labels, start, batch)
             adversarial = runner.run_batch(attack, spec, x, y, seed=config.seed, index=number)
-            done[str(number)] = runner.count_correct(model, adversarial, y)
+            with scoring(model, config):
+                done[str(number)] = runner.count_correct(model, adversarial, y)
             seconds += time.perf_counter() - began
             run.save_eval_progress(key, {"key": key, "batches": done, "seconds": seconds})
             log.info("attack %s: %d/%d", label, min(start + batch, len(labels)), len(labels))

@@ -40,14 +40,18 @@ LATE_KEYS = (
     "train.iterations",
     "train.schedule.power",
     "train.schedule.warmup_ratio",
+    # the fidelity options (docs/fidelity.md)
+    "data.crop_padding_mode",
 )
+# The same for a method's own keys, left out while at the method class's default.
+LATE_METHOD_KEYS = ("scaled", "subset", "l2_start")
 _DEFAULTS: dict[str, Any] = {}
 
 
 def canonical_json(config: RunConfig) -> str:
-    """The training identity (the resolved config without `eval`) as JSON with sorted keys:
-    configs that train the same weights give equal text."""
-    identity = config.model_dump(mode="json", exclude={"eval"})
+    """The training identity (the resolved config without `eval` and `track`) as JSON with
+    sorted keys: configs that train the same weights give equal text."""
+    identity = config.model_dump(mode="json", exclude={"eval", "track"})
     if not _DEFAULTS:
         _DEFAULTS.update(RunConfig().model_dump(mode="json"))
     for key in LATE_KEYS:
@@ -57,6 +61,10 @@ def canonical_json(config: RunConfig) -> str:
             node, default = node[part], default[part]
         if node[last] == default[last]:
             del node[last]
+    fields = type(config.method).model_fields
+    for key in LATE_METHOD_KEYS:
+        if key in fields and identity["method"][key] == fields[key].default:
+            del identity["method"][key]
     return json.dumps(identity, sort_keys=True, separators=(",", ":"))
 
 

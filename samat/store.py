@@ -682,12 +682,15 @@ def images_key(config: RunConfig, checkpoint: str) -> dict[str, Any]:
     """What decides which images an attack ran on and with which weights: part of every attacked
     record's key and fields (n_examples as requested, subset_seed, the attack seed, last/best)."""
     request = config.eval
-    return {
+    key = {
         "n_examples": request.n_examples,
         "subset_seed": request.subset_seed,
         "seed": config.seed,
         "checkpoint": checkpoint,
     }
+    if request.scoring_stats != "data":  # only when set: older records keep their keys
+        key["scoring_stats"] = request.scoring_stats
+    return key
 
 
 def record_keys(config: RunConfig) -> dict[str, str]:
@@ -721,6 +724,8 @@ def training_yaml(config: RunConfig) -> str:
     differ mostly in the seed: the text of each config without it is made once (the seed line
     of an int is `seed: N`, whatever the rest), the pure-Python emitter being slow."""
     data = config.model_dump(mode="json", exclude={"eval"})
+    if not data["track"]:
+        del data["track"]  # config.yaml of a run without trackers as before they existed
     if data["train"].get("iterations") is not None:
         del data["train"]["epochs"]  # derived from the steps; reading both back is an error
     seed = data.get("seed")

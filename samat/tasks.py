@@ -73,6 +73,7 @@ class ImageTask:
             crop_padding=dataset.crop_padding,
             flip=dataset.flip,
             channels_last=config.train.channels_last,
+            padding_mode=dataset.crop_padding_mode,
         )
 
     def evaluate(

@@ -40,6 +40,7 @@ from samat.store import (
     write_checkpoint,
     write_json,
 )
+from samat.trackers import open_trackers
 
 log = logging.getLogger("samat.train")
 
@@ -412,6 +413,7 @@ def train(
     # compiled for the training steps only: checkpoints, validation and evaluation use the module
     # itself (a compiled module's state_dict keys carry an '_orig_mod.' prefix)
     stepped = torch.compile(model) if train_cfg.compile else model
+    trackers = open_trackers(run, config, position.epoch)  # mirrors of metrics.jsonl
     try:
         while position.epoch < epochs:
             record = _epoch(
@@ -428,6 +430,7 @@ def train(
             )
             record.update(_validate(run, config, dataset, model, position, loader))
             run.append_metrics(record)
+            trackers.log(record)
             _save(run, config, model, optimizer, method, position)
             log.info(
                 "epoch %d/%d loss %.4f train-acc %.4f lr %.4g %.1fs (%.0f img/s)%s",
@@ -441,6 +444,7 @@ def train(
                 "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("val_")),
             )
     finally:
+        trackers.close()
         if bar:
             bar.stop()
     run.mark_trained()

@@ -59,7 +59,7 @@ def _sam(
     cfg: SAMMethod, optimizer: torch.optim.Optimizer, amp: str, _: torch.Generator | None
 ) -> Method:
     return SharpnessAwareTraining(
-        optimizer, cfg.rho, adaptive=cfg.name == "asam", eta=cfg.eta, amp=amp
+        optimizer, cfg.rho, adaptive=cfg.name == "asam", eta=cfg.eta, scaled=cfg.scaled, amp=amp
     )
 
 
@@ -70,7 +70,13 @@ def _esam(
     generator: torch.Generator | None,
 ) -> Method:
     return ESAMTraining(
-        optimizer, cfg.rho, beta=cfg.beta, gamma=cfg.gamma, amp=amp, generator=generator
+        optimizer,
+        cfg.rho,
+        beta=cfg.beta,
+        gamma=cfg.gamma,
+        subset=cfg.subset,
+        amp=amp,
+        generator=generator,
     )
 
 
@@ -94,6 +100,7 @@ def _pgd_at(
         alpha=alpha,
         steps=cfg.steps,
         random_start=cfg.random_start,
+        l2_start=cfg.l2_start,
         amp=amp,
         generator=generator,
     )
@@ -114,6 +121,7 @@ def _fgsm_at(
         alpha=alpha,
         steps=1,
         random_start=cfg.random_start,
+        l2_start=cfg.l2_start,
         amp=amp,
         generator=generator,
     )

@@ -66,6 +66,33 @@ def uniform_in_ball(
     return delta.to(images.device)
 
 
+def radial_start(
+    images: torch.Tensor, eps: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The authors' l_2 random start: a Gaussian direction, normalised, times eps * U(0, 1) per
+    example (SAM_AT utils.py:77-81, robust_overfitting train_cifar.py:80-83): mean radius eps / 2,
+    where uniform in the ball has eps d / (d + 1). Draws the Gaussian first, then the radii."""
+    device = generator.device if generator is not None else images.device
+    options = {"generator": generator, "device": device, "dtype": images.dtype}
+    direction = torch.randn(images.shape, **options)
+    norm = _per_example_norm(direction)
+    radius = torch.rand(images.shape[0], **options).view_as(norm)
+    return (direction * (radius / norm * eps)).to(images.device)
+
+
+def start_perturbation(
+    images: torch.Tensor,
+    eps: float,
+    norm: Norm,
+    l2_start: str = "ball",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A random start's perturbation: `uniform_in_ball`, or `radial_start` for l_2 'radial'."""
+    if norm == "l2" and l2_start == "radial":
+        return radial_start(images, eps, generator)
+    return uniform_in_ball(images, eps, norm, generator)
+
+
 def pgd(
     model: nn.Module,
     images: torch.Tensor,
@@ -78,18 +105,20 @@ def pgd(
     random_start: bool,
     generator: torch.Generator | None = None,
     amp: str | bool = "off",
+    l2_start: str = "ball",
 ) -> torch.Tensor:
     """Adversarial examples by `steps` steps of projected gradient ascent on the cross-entropy.
 
     The model stays in its current mode, BatchNorm running statistics are left untouched and no
     parameter's .grad is written (gradients are taken w.r.t. the input only). `alpha` None means
-    `default_alpha(norm, eps)`. Inputs are images in [0, 1]; so are the outputs.
+    `default_alpha(norm, eps)`; `l2_start` picks the l_2 random start ('ball' or 'radial', see
+    `start_perturbation`). Inputs are images in [0, 1]; so are the outputs.
     """
     step_size = default_alpha(norm, eps) if alpha is None else alpha
     images = images.detach()
     adv = images
     if random_start:
-        adv = (images + uniform_in_ball(images, eps, norm, generator)).clamp(0, 1)
+        adv = (images + start_perturbation(images, eps, norm, l2_start, generator)).clamp(0, 1)
     with frozen_bn_stats(model):
         for _ in range(steps):
             adv = adv.detach().requires_grad_(True)
@@ -115,6 +144,7 @@ class AdversarialTraining(Method):
         alpha: float,
         steps: int,
         random_start: bool,
+        l2_start: str = "ball",
         amp: str | bool = "off",
         generator: torch.Generator | None = None,
     ) -> None:
@@ -124,6 +154,7 @@ class AdversarialTraining(Method):
         self.alpha = alpha
         self.steps = steps
         self.random_start = random_start
+        self.l2_start = l2_start
         self.generator = generator
         self.passes_per_step = steps + 1
 
@@ -140,6 +171,7 @@ class AdversarialTraining(Method):
             random_start=self.random_start,
             generator=self.generator,
             amp=self.amp,
+            l2_start=self.l2_start,
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward(model, adv, labels)

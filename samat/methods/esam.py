@@ -5,9 +5,11 @@ One step: (1) a clean pass; its backward computes gradients only for the paramet
 for perturbation this step (SWP: each with probability beta). (2) Those tensors move to w + e with
 e = (rho / beta) g_sel / ||g_sel||_2, the norm over the drawn tensors only, as in the authors'
 code (github.com/dydjw9/Efficient_SAM, utils/Esam.py). (3) SDS: a forward-only pass at w + e gives
-every example's loss increase; the ceil(gamma * B) examples whose loss rose the most make the
-second pass, whose mean-loss gradient at w + e (all parameters) drives the base optimizer's step
-after w is restored. BatchNorm running statistics follow the clean pass only.
+every example's loss increase; the sds_count(gamma, B) examples whose loss rose the most
+(`subset: ceil`: ceil(gamma * B); `subset: official`: the official code's int(gamma * B) - 1, the
+whole batch at gamma >= 0.99) make the second pass, whose mean-loss gradient at w + e (all
+parameters) drives the base optimizer's step after w is restored. BatchNorm running statistics
+follow the clean pass only.
 
 With beta = 1 and gamma = 1 this is SAM's step exactly (`SharpnessAwareTraining`): the same
 perturbation (`sam_perturbation`), no selection pass, the whole batch in its order.
@@ -40,8 +42,18 @@ def esam_passes_per_step(beta: float, gamma: float) -> float:
     return (2 + beta) / 3 + selection + gamma
 
 
-def sds_count(gamma: float, batch_size: int) -> int:
-    """How many examples SDS keeps (0 < gamma <= 1): ceil(gamma * B), at least 1."""
+def sds_count(gamma: float, batch_size: int, subset: str = "ceil") -> int:
+    """How many examples SDS keeps (0 < gamma <= 1), at least 1.
+
+    'ceil': ceil(gamma * B). 'official': as github.com/dydjw9/Efficient_SAM utils/Esam.py:94-104,
+    the examples strictly above the int(gamma * B)-th largest rise, int(gamma * B) - 1 of them
+    without ties (63 of 128 at gamma 0.5), and the whole batch when gamma >= 0.99.
+    """
+    if subset == "official":
+        if gamma >= 0.99:
+            return batch_size
+        # the same float product as the official code: int(0.29 * 100) is 28
+        return max(1, int(batch_size * gamma) - 1)
     # The small offset absorbs float error in gamma * B: 0.3 * 10 = 3.0000000000000004 keeps 3.
     return max(1, math.ceil(gamma * batch_size - 1e-9))
 
@@ -72,6 +84,7 @@ class ESAMTraining(Method):
         *,
         beta: float = 0.6,
         gamma: float = 0.5,
+        subset: str = "ceil",
         amp: str | bool = "off",
         generator: torch.Generator | None = None,
     ) -> None:
@@ -79,8 +92,10 @@ class ESAMTraining(Method):
         self.rho = rho
         self.beta = beta
         self.gamma = gamma
+        self.subset = subset
         self.generator = generator
-        self.passes_per_step = esam_passes_per_step(beta, gamma)
+        whole = subset == "official" and gamma >= 0.99
+        self.passes_per_step = esam_passes_per_step(beta, 1.0 if whole else gamma)
 
     def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Clean pass, SWP perturbation, SDS selection, second pass on the subset, restore, step."""
@@ -105,7 +120,7 @@ class ESAMTraining(Method):
                 for i, p in enumerate(perturbed):
                     p.add_(shifts[i])
         batch = images.shape[0]
-        keep = sds_count(self.gamma, batch)
+        keep = sds_count(self.gamma, batch, self.subset)
         with frozen_bn_stats(model):
             if keep < batch:
                 with torch.no_grad():

@@ -19,26 +19,32 @@ def sam_perturbation(
     rho: float,
     adaptive: bool = False,
     eta: float = 0.01,
+    scaled: Sequence[bool] | None = None,
 ) -> list[torch.Tensor]:
     """The weight perturbation e of one SAM (or ASAM) step, one tensor per parameter.
 
     SAM: e = rho * g / ||g||_2, the norm taken over all parameters jointly.
-    ASAM: with T_w = |w| + eta element-wise, e = rho * T_w^2 g / ||T_w g||_2. T_w applies to every
-    parameter, biases and normalisation weights included. A zero norm gives e = 0, not NaN.
+    ASAM: with T_w = |w| + eta element-wise, e = rho * T_w^2 g / ||T_w g||_2. T_w applies to the
+    parameters that `scaled` marks (None: every one, biases and normalisation weights included:
+    davda54/sam's and the authors' `adaptive=True` at eta = 0); T = 1 on the others (Kwon et
+    al.'s released code leaves parameters not named 'weight' unscaled). A zero norm gives e = 0.
     """
-    # SamsungLabs' ASAM code scales only parameters named "weight" (T = 1 on biases); scaling all
-    # follows the formula as written and davda54/sam's `adaptive=True` (which is this at eta = 0).
     if not params:
         return []
-    scales = [p.abs() + eta for p in params] if adaptive else [None] * len(params)
-    scaled = [g if t is None else t * g for t, g in zip(scales, grads, strict=True)]
-    device = scaled[0].device
+    marks = [True] * len(params) if scaled is None else list(scaled)
+    scales = (
+        [p.abs() + eta if mark else None for p, mark in zip(params, marks, strict=True)]
+        if adaptive
+        else [None] * len(params)
+    )
+    weighted = [g if t is None else t * g for t, g in zip(scales, grads, strict=True)]
+    device = weighted[0].device
     norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(s).to(device) for s in scaled])
+        torch.stack([torch.linalg.vector_norm(s).to(device) for s in weighted])
     )
     # torch.where instead of an `if` on the norm: no host-device sync on every step.
     factor = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
-    shifts = [factor.to(s.device) * s for s in scaled]
+    shifts = [factor.to(s.device) * s for s in weighted]
     return [e if t is None else t * e for t, e in zip(scales, shifts, strict=True)]
 
 
@@ -62,6 +68,8 @@ class SAM:
         self.rho = rho
         self.adaptive = adaptive
         self.eta = eta
+        # ASAM: the parameters T_w leaves unscaled (by identity); empty = T_w on all
+        self.unscaled: set[int] = set()
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -87,8 +95,9 @@ class SAM:
         if self._saved:
             raise RuntimeError("SAM.first_step called twice; call second_step in between")
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        marks = [id(p) not in self.unscaled for p in params] if self.unscaled else None
         perturbation = sam_perturbation(
-            params, [p.grad for p in params], self.rho, self.adaptive, self.eta
+            params, [p.grad for p in params], self.rho, self.adaptive, self.eta, marks
         )
         # Restoring a saved copy, rather than subtracting e, returns exactly to w.
         self._saved = [(p, p.detach().clone()) for p in params]
@@ -123,13 +132,18 @@ class SharpnessAwareTraining(Method):
         *,
         adaptive: bool = False,
         eta: float = 0.01,
+        scaled: str = "all",
         amp: str | bool = "off",
     ) -> None:
         super().__init__(optimizer, amp=amp)
         self.sam = SAM(optimizer, rho, adaptive=adaptive, eta=eta)
+        # 'weights': T_w only on parameters whose name holds 'weight' (named at the first step)
+        self.scaled_params = scaled
 
     def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Clean pass (updates BN stats), perturb, second pass (BN frozen), restore and step."""
+        if self.scaled_params == "weights" and not self.sam.unscaled:
+            self.sam.unscaled = {id(p) for n, p in model.named_parameters() if "weight" not in n}
         self.sam.zero_grad()
         loss, logits = self.forward(model, images, labels)
         # fp16: e is the same for scaled gradients; an overflow makes w + e (and so the second
